@@ -34,6 +34,7 @@ import typing as t
 
 from sqlalchemy.util import ScopedRegistry
 
+from .errors import NoScopeToken
 from .scopes import ScopeStrategy, check_hashable
 
 __all__ = ["Registry"]
@@ -41,6 +42,7 @@ __all__ = ["Registry"]
 _T = t.TypeVar("_T", bound=t.Any)
 
 log = logging.getLogger("scoping")
+_modules = sys.modules  # still reachable from callbacks during interpreter shutdown
 
 _MIN_SWEEP = 64
 
@@ -89,7 +91,10 @@ class Registry(ScopedRegistry[_T]):
 
     def has(self) -> bool:
         """Return True if an object is present in the current scope."""
-        key = self.scopefunc()
+        try:
+            key = self.scopefunc()
+        except NoScopeToken:
+            return False  # no scope is current, so nothing is present in it
         check_hashable(key, self.strategy)
         return key in self.registry
 
@@ -102,7 +107,7 @@ class Registry(ScopedRegistry[_T]):
 
     def clear(self) -> None:
         """Clear the current scope, if any (the object is not closed)."""
-        self.registry.pop(self.scopefunc(), None)
+        self.pop_current()
 
     # -- additions -----------------------------------------------------------
 
@@ -121,7 +126,12 @@ class Registry(ScopedRegistry[_T]):
 
     def pop_current(self) -> _T | None:
         """Take the current scope's object out of the registry and return it."""
-        return self.registry.pop(self.scopefunc(), None)
+        try:
+            key = self.scopefunc()
+        except NoScopeToken:
+            return None
+        check_hashable(key, self.strategy)
+        return self.registry.pop(key, None)
 
     def collect(self) -> int:
         """Retire ended scopes now and close their Sessions; return how many.
@@ -206,10 +216,13 @@ class Registry(ScopedRegistry[_T]):
         """Under gevent, drain the queue from a fresh greenlet, not the hub."""
         if self._cleanup_pending:
             return
-        gevent = sys.modules.get("gevent")
+        modules = _modules
+        if modules is None:  # interpreter shutdown  # type: ignore[comparison-overlap]
+            return
+        gevent = modules.get("gevent")
         if gevent is None:
             return
-        hub_cls = getattr(sys.modules.get("gevent.hub"), "Hub", None)
+        hub_cls = getattr(modules.get("gevent.hub"), "Hub", None)
         from greenlet import getcurrent
 
         if hub_cls is None or not isinstance(getcurrent(), hub_cls):

@@ -124,10 +124,11 @@ def _getcurrent() -> t.Callable[[], Greenlet]:
 def watch_unit(unit: object, callback: t.Callable[[], None]) -> bool:
     """Call ``callback()`` when ``unit`` (a greenlet or asyncio task) ends.
 
-    gevent greenlets signal through ``rawlink`` (run by the hub) and asyncio
-    tasks through ``add_done_callback`` (run by the loop). Raw greenlets and
-    thread main greenlets cannot signal: return ``False`` so they are polled
-    with :func:`unit_ended`.
+    gevent greenlets signal through ``rawlink`` (run by the hub), asyncio
+    tasks through ``add_done_callback`` (run by the loop), and an OS thread's
+    main greenlet when the thread exits (a native thread-local is cleared).
+    Must be called from within ``unit``. Raw greenlets cannot signal: return
+    ``False`` so they are polled with :func:`unit_ended`.
     """
     rawlink = getattr(unit, "rawlink", None)
     if rawlink is not None:  # gevent.Greenlet
@@ -137,7 +138,51 @@ def watch_unit(unit: object, callback: t.Callable[[], None]) -> bool:
     if add_done_callback is not None:  # asyncio.Task
         add_done_callback(lambda _task: callback())
         return True
+    if getattr(unit, "parent", False) is None:  # a thread's main greenlet
+        on_thread_exit(callback)
+        return True
     return False
+
+
+class _ThreadMarker:
+    __slots__ = ("__weakref__",)
+
+
+_native_local: t.Any = None  # made at first use, from the unpatched class
+_thread_refs: set[weakref.ref[_ThreadMarker]] = set()
+
+
+def on_thread_exit(callback: t.Callable[[], None]) -> None:
+    """Call ``callback()`` when the current OS thread exits.
+
+    A marker lives in a native (never gevent-patched) thread-local; CPython
+    drops it while the thread is torn down, before ``Thread.join()`` returns,
+    and its weakref callback runs the callbacks. They must not do I/O.
+    """
+    global _native_local
+    local = _native_local
+    if local is None:
+        monkey = sys.modules.get("gevent.monkey")
+        if monkey is not None and monkey.is_module_patched("threading"):
+            cls = monkey.get_original("_thread", "_local")
+        else:
+            import _thread
+
+            cls = _thread._local
+        local = _native_local = cls()
+    try:
+        callbacks: list[t.Callable[[], None]] = local.callbacks
+    except AttributeError:
+        callbacks = local.callbacks = []
+        marker = local.marker = _ThreadMarker()
+
+        def thread_exited(ref: weakref.ref[_ThreadMarker]) -> None:
+            _thread_refs.discard(ref)
+            for cb in callbacks:
+                cb()
+
+        _thread_refs.add(weakref.ref(marker, thread_exited))
+    callbacks.append(callback)
 
 
 def unit_ended(unit: object) -> bool:

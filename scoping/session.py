@@ -22,6 +22,7 @@ import typing as t
 
 from sqlalchemy.orm import Session
 from sqlalchemy.orm import scoped_session as _sa_scoped_session
+from sqlalchemy.util import warn
 
 from .guard import SessionGuard
 from .registry import Registry
@@ -88,6 +89,20 @@ class scoped_session(_sa_scoped_session[_S]):
         session = self.session_factory()
         SessionGuard.install(session, self.strategy)
         return session
+
+    def configure(self, **kwargs: t.Any) -> None:
+        """Reconfigure the ``sessionmaker``; warns if any scope holds a Session.
+
+        Unlike SQLAlchemy's, it looks at every scope, not only the current
+        one, so it also works outside any ``scope(token)`` block.
+        """
+        if len(self.registry):
+            warn(
+                "At least one scoped session is already present. "
+                " configure() can not affect sessions that have "
+                "already been created."
+            )
+        self.session_factory.configure(**kwargs)
 
     def remove(self) -> None:
         """Close the current scope's Session, if any, and forget it.

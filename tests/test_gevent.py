@@ -1,0 +1,154 @@
+"""Every strategy under real gevent, against PostgreSQL, in both import orders.
+
+Each case runs in a fresh interpreter (gevent is never patched in pytest's).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+from _subproc import run_python
+
+pytestmark = [pytest.mark.gevent]
+
+SCRIPTS = os.path.join(os.path.dirname(__file__), "scripts")
+STRATEGIES = ["thread", "greenlet", "contextvar", "token", "auto"]
+GREENLETS = 220
+
+
+def run_script(name: str, *args: object, url: str, timeout: float = 240) -> dict[str, object]:
+    code = (
+        f"import runpy, sys; sys.argv = [{name!r}, *sys.argv[1:]]; "
+        f"runpy.run_path({os.path.join(SCRIPTS, name)!r}, run_name='__main__')"
+    )
+    result = run_python(
+        code, env={"SCOPING_TEST_URL": url}, timeout=timeout, args=[str(a) for a in args]
+    )
+    assert isinstance(result, dict)
+    return result
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("order", ["registry-first", "patch-first"])
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_concurrent_greenlets_are_isolated(strategy: str, order: str, pg_url: str) -> None:
+    r = run_script("gevent_isolation.py", strategy, order, GREENLETS, url=pg_url)
+    assert r["errors"] == [] and r["error_count"] == 0
+    assert r["foreign"] == 0
+    assert r["stale"] == 0
+    assert r["tags"] == GREENLETS and r["bad_tags"] == 0
+    assert r["total_rows"] == GREENLETS * 3
+    assert r["live"] == 0 and r["checked_out"] == 0
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_forgotten_remove_costs_nothing(pg_url: str) -> None:
+    """10,000 greenlets never call remove() with a pool of 5: nothing is left."""
+    r = run_script("gevent_cleanup.py", "scoping", 10_000, 30, url=pg_url)
+    assert r["ended"] == 10_000
+    assert r["errors"] == []
+    assert r["timeouts"] == 0
+    assert r["done"] == 10_000
+    assert r["live"] == 0
+    assert r["checked_out"] == 0
+
+
+@pytest.mark.postgres
+def test_sqlalchemy_greenlet_registry_keeps_them_all(pg_url: str) -> None:
+    """The same run on ScopedRegistry(scopefunc=greenlet.getcurrent)."""
+    r = run_script("gevent_cleanup.py", "sqlalchemy", 10_000, 1, url=pg_url)
+    assert r["ended"] == 10_000
+    assert r["live"] == 10_000  # every dead greenlet's Session is still there
+    assert r["checked_out"] == 5  # holding the whole pool
+    assert r["done"] == 5 and r["timeouts"] == 10_000 - 5
+
+
+def test_import_is_monkeypatch_safe() -> None:
+    """import scoping binds nothing from threading and imports neither gevent nor psycopg2."""
+    code = """
+        import gc, json, sys, threading, _thread
+        def census():
+            return sum(1 for o in gc.get_objects() if isinstance(o, (_thread._local, _thread.LockType, _thread.RLock)))
+        gc.collect(); before = census()
+        import sqlalchemy.orm  # SQLAlchemy's own import-time objects are not ours
+        gc.collect(); middle = census()
+        import scoping, scoping.scopes, scoping.registry, scoping.session, scoping.guard
+        gc.collect(); after = census()
+        print(json.dumps({
+            "new_locals_or_locks": after - middle,
+            "gevent": "gevent" in sys.modules,
+            "psycopg2": "psycopg2" in sys.modules,
+        }))
+    """
+    r = run_python(code, env={"PYTHONWARNINGS": "error"})
+    assert r == {"new_locals_or_locks": 0, "gevent": False, "psycopg2": False}
+
+
+def test_import_is_silent_with_warnings_as_errors() -> None:
+    import subprocess
+
+    proc = subprocess.run(
+        [sys.executable, "-W", "error", "-c", "import scoping"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0 and proc.stdout == "" and proc.stderr == ""
+
+
+def test_importing_before_patch_all_adds_no_gevent_warning() -> None:
+    code = """
+        import json, warnings
+        import scoping
+        from sqlalchemy.orm import sessionmaker
+        Session = scoping.scoped_session(sessionmaker(), scope="thread")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            from gevent import monkey
+            monkey.patch_all()
+        import gevent
+        first = Session()
+        other = gevent.spawn(Session).get()
+        print(json.dumps({
+            "warnings": [str(w.message)[:200] for w in caught],
+            "isolated": other is not first,
+        }))
+    """
+    r = run_python(code)
+    assert r == {"warnings": [], "isolated": True}
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_gevent_greenlets_clean_up_without_database(strategy: str) -> None:
+    """rawlink retires the Session as each greenlet ends; a cleanup greenlet closes it."""
+    code = f"""
+        from gevent import monkey; monkey.patch_all()
+        import json, gevent, scoping
+        from sqlalchemy import create_engine
+        from sqlalchemy.orm import Session, sessionmaker
+        closed = []
+        class Counting(Session):
+            def close(self):
+                closed.append(1)
+                super().close()
+        S = scoping.scoped_session(
+            sessionmaker(bind=create_engine("sqlite://"), class_=Counting), scope={strategy!r})
+        def work(i):
+            if {strategy!r} == "token":
+                S.strategy.bind(i)   # bound without scope(): nobody removes it
+            S.info["i"] = i
+            gevent.sleep(0)
+        glets = [gevent.spawn(work, i) for i in range(500)]
+        gevent.joinall(glets)
+        gevent.sleep(0); gevent.sleep(0)
+        print(json.dumps({{"live": len(S.registry), "closed": len(closed)}}))
+    """
+    r = run_python(code)
+    if strategy == "token":
+        # Integer tokens say nothing about when their work ends: they stay.
+        assert r == {"live": 500, "closed": 0}
+    else:
+        assert r == {"live": 0, "closed": 500}
