@@ -44,7 +44,6 @@ import weakref
 from .errors import NoScopeToken, ScopingWarning
 
 if t.TYPE_CHECKING:
-    import asyncio
 
     from greenlet import greenlet as Greenlet
 

@@ -71,7 +71,8 @@ def test_import_is_monkeypatch_safe() -> None:
     code = """
         import gc, json, sys, threading, _thread
         def census():
-            return sum(1 for o in gc.get_objects() if isinstance(o, (_thread._local, _thread.LockType, _thread.RLock)))
+            kinds = (_thread._local, _thread.LockType, _thread.RLock)
+            return sum(1 for o in gc.get_objects() if isinstance(o, kinds))
         gc.collect(); before = census()
         import sqlalchemy.orm  # SQLAlchemy's own import-time objects are not ours
         gc.collect(); middle = census()

@@ -1,0 +1,533 @@
+"""The doctor: each finding, the CLI, check() and the demo.
+
+Everything that patches gevent runs in a child process (never in pytest's),
+which prints the diagnosis as JSON for the test to assert on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import typing as t
+from pathlib import Path
+
+import pytest
+
+import scoping
+import scoping.doctor as doctor
+from scoping.errors import ScopingError
+
+ROOT = Path(__file__).resolve().parent.parent
+TIMEOUT = 90
+
+# Printed by every child: the diagnosis plus what the child's sys.modules holds.
+REPORT = """
+import json as _json, sys as _sys
+import scoping.doctor as _doctor
+_d = _doctor.diagnose()
+print(_json.dumps({"diagnosis": _d.to_dict(),
+                   "gevent_imported": "gevent" in _sys.modules,
+                   "psycopg2_imported": "psycopg2" in _sys.modules}))
+"""
+
+
+def run_child(tmp_path: Path, code: str, modules: dict[str, str] | None = None,
+              args: t.Sequence[str] = (),
+              extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    for name, src in (modules or {}).items():
+        (tmp_path / f"{name}.py").write_text(textwrap.dedent(src))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), str(ROOT)])
+    env.update(extra_env or {})
+    return subprocess.run(
+        [sys.executable, *(args or ["-c", textwrap.dedent(code)])], cwd=tmp_path, env=env,
+        capture_output=True, text=True, timeout=TIMEOUT, check=False)
+
+
+def diagnose_child(tmp_path: Path, code: str,
+                   modules: dict[str, str] | None = None) -> dict[str, t.Any]:
+    proc = run_child(tmp_path, textwrap.dedent(code) + REPORT, modules)
+    assert proc.returncode == 0, proc.stderr
+    out: dict[str, t.Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return out
+
+
+def by_code(diagnosis: dict[str, t.Any], code: str) -> list[dict[str, t.Any]]:
+    return [f for f in diagnosis["findings"] if f["code"] == code]
+
+
+def one(diagnosis: dict[str, t.Any], code: str, subject: str | None = None) -> dict[str, t.Any]:
+    found = [f for f in by_code(diagnosis, code) if subject is None or f["subject"] == subject]
+    assert len(found) == 1, (code, subject, diagnosis["findings"])
+    return found[0]
+
+
+def hazard_codes(diagnosis: dict[str, t.Any]) -> list[tuple[str, str | None]]:
+    return sorted((f["code"], f["subject"]) for f in diagnosis["findings"]
+                  if f["severity"] == "hazard")
+
+
+# An app module that builds everything at import time, before patch_all().
+APP_BEFORE = """
+import threading
+import greenlet
+import sqlalchemy as sa
+from sqlalchemy import orm
+import scoping
+
+engine = sa.create_engine("sqlite:///unused.db")            # QueuePool, never connects
+memory = sa.create_engine("sqlite://")                      # SingletonThreadPool
+Session = orm.scoped_session(orm.sessionmaker(bind=engine))  # ThreadLocalRegistry
+ByIdent = orm.scoped_session(orm.sessionmaker(), scopefunc=threading.get_ident)
+ByGreenlet = orm.scoped_session(orm.sessionmaker(), scopefunc=greenlet.getcurrent)
+Good = scoping.scoped_session(orm.sessionmaker(bind=engine), scope="greenlet")
+
+class Holder:
+    pass
+
+db = Holder()
+db.session = orm.scoped_session(orm.sessionmaker())
+"""
+
+APP_AFTER = """
+import threading
+import sqlalchemy as sa
+from sqlalchemy import orm
+
+engine = sa.create_engine("sqlite:///unused.db")
+Session = orm.scoped_session(orm.sessionmaker(bind=engine))
+ByIdent = orm.scoped_session(orm.sessionmaker(), scopefunc=threading.get_ident)
+"""
+
+
+@pytest.fixture(scope="module")
+def patched_report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, t.Any]:
+    """appbefore built before patch_all(), appafter after it; psycopg2 without callback."""
+    tmp = tmp_path_factory.mktemp("patched")
+    return diagnose_child(tmp, """
+        import appbefore
+        import psycopg2
+        from gevent import monkey
+        monkey.patch_all()
+        import appafter
+    """, {"appbefore": APP_BEFORE, "appafter": APP_AFTER})["diagnosis"]
+
+
+# --------------------------------------------------------------------------
+# A process without gevent
+
+
+def test_clean_process_has_no_hazard_and_doctor_imports_no_gevent(tmp_path: Path) -> None:
+    out = diagnose_child(tmp_path, """
+        import sqlalchemy as sa
+        from sqlalchemy import orm
+        Session = orm.scoped_session(orm.sessionmaker())
+    """)
+    d = out["diagnosis"]
+    assert out["gevent_imported"] is False
+    assert out["psycopg2_imported"] is False
+    assert d["ok"] is True and d["exit_status"] == 0
+    assert hazard_codes(d) == []
+    assert one(d, "gevent.not_imported")["severity"] == "ok"
+    assert one(d, "scoped_session.thread_local", "__main__.Session")["severity"] == "ok"
+    assert d["recommended_scope"] == "thread"
+    assert d["runtime"]["gevent_patched"] == []
+
+
+def test_diagnose_in_process_is_reexported_and_serialisable() -> None:
+    d = scoping.diagnose()
+    assert isinstance(d, doctor.Diagnosis)
+    assert d.hazards == ()
+    assert json.loads(d.to_json())["counts"]["hazard"] == 0
+    assert d.counts() == {s: sum(f.severity == s for f in d.findings) for s in doctor.SEVERITIES}
+    assert "Result: 0 hazard(s)" in d.format_text()
+
+
+def test_psycopg2_without_gevent_is_ok(tmp_path: Path) -> None:
+    d = diagnose_child(tmp_path, "import psycopg2")["diagnosis"]
+    assert one(d, "psycopg2.blocking_no_gevent")["severity"] == "ok"
+    assert hazard_codes(d) == []
+
+
+def test_get_ident_scopefunc_without_gevent_is_a_warning(tmp_path: Path) -> None:
+    d = diagnose_child(tmp_path, """
+        import threading
+        from sqlalchemy import orm
+        S = orm.scoped_session(orm.sessionmaker(), scopefunc=threading.get_ident)
+        S()
+    """)["diagnosis"]
+    f = one(d, "scoped_session.get_ident_threads", "__main__.S")
+    assert f["severity"] == "warning"
+    assert "It holds 1 Session(s) now." in f["detail"]
+    assert hazard_codes(d) == []
+
+
+def test_asyncio_running_loop_recommends_contextvar() -> None:
+    async def inner() -> doctor.Diagnosis:
+        return doctor.diagnose()
+
+    d = asyncio.run(inner())
+    assert d.recommended_scope == "contextvar"
+    assert d.runtime["asyncio_running"] is True
+
+
+def test_raw_greenlets_without_gevent_recommend_greenlet(tmp_path: Path) -> None:
+    # In a child: pytest's own process may hold live greenlets left by other tests.
+    proc = run_child(tmp_path, """
+        import json, greenlet
+        import scoping.doctor as doctor
+        before = doctor.diagnose().recommended_scope
+        seen = []
+        g = greenlet.greenlet(lambda: seen.append(doctor.diagnose()))
+        g.switch()
+        print(json.dumps([before, g.dead, seen[0].recommended_scope, seen[0].reason]))
+    """)
+    assert proc.returncode == 0, proc.stderr
+    before, dead, inside, reason = json.loads(proc.stdout)
+    assert (before, dead, inside) == ("thread", True, "greenlet")
+    assert reason.startswith("1 live greenlet(s) without gevent patching")
+
+
+def test_threads_that_inherit_context_are_flagged(monkeypatch: pytest.MonkeyPatch) -> None:
+    rt = doctor._runtime()
+    assert doctor._check_python(rt)[0].code == "python.version"
+    monkeypatch.setattr(doctor, "_threads_inherit_context", lambda: True)
+    (f,) = doctor._check_python(rt)
+    assert (f.code, f.severity) == ("python.thread_inherit_context", "warning")
+    assert 'scope="thread"' in f.fix
+
+
+def test_old_greenlet_without_contextvars_is_flagged() -> None:
+    rt = doctor._runtime()
+    old = dataclasses.replace(rt, greenlet_version="0.4.16")
+    (f,) = doctor._check_greenlet(old)
+    assert f.code == "greenlet.no_contextvars" and f.severity == "warning"
+    assert doctor._check_greenlet(dataclasses.replace(rt, greenlet_version="0.4.17"))[0].severity \
+        == "ok"
+
+
+# --------------------------------------------------------------------------
+# Under gevent (child processes)
+
+
+@pytest.mark.gevent
+def test_sa_scoped_session_built_before_patch_is_a_named_hazard(
+        patched_report: dict[str, t.Any]) -> None:
+    f = one(patched_report, "scoped_session.shared", "appbefore.Session")
+    assert f["severity"] == "hazard"
+    assert 'scope="greenlet"' in f["fix"]
+    # An attribute of a module global is named too.
+    assert one(patched_report, "scoped_session.shared", "appbefore.db.session")
+
+
+@pytest.mark.gevent
+def test_sa_scoped_session_built_after_patch_is_ok(patched_report: dict[str, t.Any]) -> None:
+    assert one(patched_report, "scoped_session.gevent_local", "appafter.Session")["severity"] \
+        == "ok"
+    assert [s for c, s in hazard_codes(patched_report) if s and s.startswith("appafter.Session")] \
+        == []
+
+
+@pytest.mark.gevent
+def test_scoping_session_is_ok_with_its_strategy(patched_report: dict[str, t.Any]) -> None:
+    f = one(patched_report, "scoped_session.scoping", "appbefore.Good")
+    assert f["severity"] == "ok"
+    assert f["title"] == 'scoping.scoped_session, scope "greenlet"'
+
+
+@pytest.mark.gevent
+def test_scopefuncs_under_gevent(patched_report: dict[str, t.Any]) -> None:
+    # Native get_ident (bound before patching) and gevent's (after): both hazards.
+    assert one(patched_report, "scoped_session.get_ident", "appbefore.ByIdent")["severity"] \
+        == "hazard"
+    assert one(patched_report, "scoped_session.get_ident", "appafter.ByIdent")["severity"] \
+        == "hazard"
+    f = one(patched_report, "scoped_session.getcurrent", "appbefore.ByGreenlet")
+    assert f["severity"] == "warning" and 'scope="greenlet"' in f["fix"]
+
+
+@pytest.mark.gevent
+def test_psycopg2_without_callback_under_gevent_is_a_hazard(
+        patched_report: dict[str, t.Any]) -> None:
+    f = one(patched_report, "psycopg2.blocking")
+    assert f["severity"] == "hazard"
+    assert "scoping.green.patch_psycopg2()" in f["fix"]
+
+
+@pytest.mark.gevent
+def test_engine_pool_locks(patched_report: dict[str, t.Any]) -> None:
+    before = one(patched_report, "engine.pool_native_locks", "appbefore.engine")
+    assert before["severity"] == "info"
+    assert one(patched_report, "engine.pool_gevent_locks", "appafter.engine")["severity"] == "ok"
+    shared = one(patched_report, "engine.singleton_pool_shared", "appbefore.memory")
+    assert shared["severity"] == "hazard"
+
+
+@pytest.mark.gevent
+def test_patched_report_hazards_and_recommendation(patched_report: dict[str, t.Any]) -> None:
+    assert hazard_codes(patched_report) == [
+        ("engine.singleton_pool_shared", "appbefore.memory"),
+        ("psycopg2.blocking", None),
+        ("scoped_session.get_ident", "appafter.ByIdent"),
+        ("scoped_session.get_ident", "appbefore.ByIdent"),
+        ("scoped_session.shared", "appbefore.Session"),
+        ("scoped_session.shared", "appbefore.db.session"),
+    ]
+    assert patched_report["exit_status"] == 1
+    assert patched_report["recommended_scope"] == "greenlet"
+    patched = one(patched_report, "gevent.patched")
+    assert "threading" in patched["title"] and "socket" in patched["title"]
+
+
+@pytest.mark.gevent
+def test_native_pool_locks_really_do_not_block_the_hub(tmp_path: Path) -> None:
+    """The reason engine.pool_native_locks is info: an engine built before
+    patch_all() with one pooled connection still lets a waiting checkout yield."""
+    proc = run_child(tmp_path, """
+        import json
+        import sqlalchemy as sa
+        engine = sa.create_engine("sqlite:///pool.db", pool_size=1, max_overflow=0,
+                                  pool_timeout=5)
+        from gevent import monkey
+        monkey.patch_all()
+        import gevent
+        log = []
+        def holder():
+            c = engine.connect(); log.append("a got")
+            gevent.sleep(0.05); log.append("a releases"); c.close()
+        def waiter():
+            gevent.sleep(0); c = engine.connect(); log.append("b got"); c.close()
+        def ticker():
+            gevent.sleep(0.01); log.append("tick")
+        gevent.joinall([gevent.spawn(holder), gevent.spawn(waiter), gevent.spawn(ticker)],
+                       timeout=10)
+        print(json.dumps([type(engine.pool._pool.mutex).__module__, log]))
+    """)
+    assert proc.returncode == 0, proc.stderr
+    mutex_module, log = json.loads(proc.stdout)
+    assert mutex_module == "_thread"  # native, as the doctor reports
+    assert log == ["a got", "tick", "a releases", "b got"]
+
+
+@pytest.mark.gevent
+def test_psycogreen_callback_is_a_warning(tmp_path: Path) -> None:
+    d = diagnose_child(tmp_path, """
+        from gevent import monkey
+        monkey.patch_all()
+        import psycogreen.gevent
+        psycogreen.gevent.patch_psycopg()
+    """)["diagnosis"]
+    f = one(d, "psycopg2.psycogreen")
+    assert f["severity"] == "warning"
+    assert f["subject"] == "psycogreen.gevent.gevent_wait_callback"
+    assert "scoping.green.patch_psycopg2()" in f["fix"]
+    assert hazard_codes(d) == []
+
+
+@pytest.mark.gevent
+def test_scoping_green_callback_is_ok(tmp_path: Path) -> None:
+    d = diagnose_child(tmp_path, """
+        from gevent import monkey
+        monkey.patch_all()
+        import scoping.green
+        scoping.green.patch_psycopg2()
+    """)["diagnosis"]
+    f = one(d, "psycopg2.scoping_green")
+    assert f["severity"] == "ok"
+    assert f["subject"] == "scoping.green.GeventWaitCallback"
+    assert hazard_codes(d) == []
+
+
+@pytest.mark.gevent
+def test_gevent_imported_but_not_patched(tmp_path: Path) -> None:
+    out = diagnose_child(tmp_path, "import gevent")
+    d = out["diagnosis"]
+    assert out["gevent_imported"] is True
+    assert one(d, "gevent.not_patched")["severity"] == "info"
+    assert hazard_codes(d) == []
+
+
+@pytest.mark.gevent
+def test_patch_all_without_threads(tmp_path: Path) -> None:
+    d = diagnose_child(tmp_path, """
+        from gevent import monkey
+        monkey.patch_all(thread=False)
+        from sqlalchemy import orm
+        import scoping
+        Session = orm.scoped_session(orm.sessionmaker())   # built after, still per OS thread
+        ByThread = scoping.scoped_session(orm.sessionmaker(), scope="thread")
+    """)["diagnosis"]
+    assert one(d, "gevent.threading_unpatched")["severity"] == "warning"
+    assert one(d, "scoped_session.shared", "__main__.Session")["severity"] == "hazard"
+    assert one(d, "scoped_session.scoping_thread_unpatched", "__main__.ByThread")["severity"] \
+        == "warning"
+
+
+# --------------------------------------------------------------------------
+# check(), the CLI and the demo
+
+
+HAZARD_MAIN = """
+import sys
+import appbefore
+from gevent import monkey
+monkey.patch_all()
+from scoping.__main__ import main
+sys.exit(main(["doctor", *sys.argv[1:]]))
+"""
+
+
+def test_check_returns_the_diagnosis_when_safe() -> None:
+    assert doctor.check().ok
+    assert issubclass(doctor.UnsafeProcess, ScopingError)
+
+
+@pytest.mark.gevent
+def test_check_raises_naming_the_fix(tmp_path: Path) -> None:
+    proc = run_child(tmp_path, """
+        from sqlalchemy import orm
+        Session = orm.scoped_session(orm.sessionmaker())
+        from gevent import monkey
+        monkey.patch_all()
+        import scoping.doctor
+        try:
+            scoping.doctor.check()
+        except scoping.errors.ScopingError as exc:
+            assert isinstance(exc, scoping.doctor.UnsafeProcess)
+            assert len(exc.diagnosis.hazards) == 1
+            print(exc)
+        else:
+            raise SystemExit("check() did not raise")
+    """)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [
+        "1 Session-scoping hazard(s) in this process (scoping.diagnose() gives the full report):",
+        "- __main__.Session: SQLAlchemy scoped_session shared by every greenlet; fix: build it "
+        'with scoping.scoped_session(factory, scope="greenlet") (or scope="auto"), or build '
+        "the scoped_session after gevent.monkey.patch_all()",
+    ]
+
+
+def test_cli_clean_process_json_and_exit_0(tmp_path: Path) -> None:
+    proc = run_child(tmp_path, "", args=["-m", "scoping", "doctor", "--json"])
+    assert proc.returncode == 0, proc.stderr
+    d = json.loads(proc.stdout)
+    assert set(d) == {"ok", "exit_status", "counts", "recommended_scope", "reason", "runtime",
+                      "findings"}
+    assert d["ok"] is True and d["exit_status"] == 0
+    assert set(d["counts"]) == {"ok", "info", "warning", "hazard"}
+    for f in d["findings"]:
+        assert set(f) == {"severity", "code", "title", "detail", "fix", "subject"}
+        assert f["severity"] in doctor.SEVERITIES
+
+
+def test_cli_clean_process_text_and_exit_0(tmp_path: Path) -> None:
+    proc = run_child(tmp_path, "", args=["-m", "scoping", "doctor"])
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("scoping doctor: pid ")
+    assert "Result: 0 hazard(s)" in proc.stdout
+    assert len(proc.stdout.splitlines()) <= 24  # one screen
+
+
+@pytest.mark.gevent
+@pytest.mark.parametrize("as_json", [False, True])
+def test_cli_hazard_exits_1(tmp_path: Path, as_json: bool) -> None:
+    (tmp_path / "appbefore.py").write_text(APP_BEFORE)
+    (tmp_path / "run.py").write_text(HAZARD_MAIN)
+    proc = run_child(tmp_path, "", args=["run.py", *(["--json"] if as_json else [])])
+    assert proc.returncode == 1, proc.stderr
+    if as_json:
+        d = json.loads(proc.stdout)
+        assert d["exit_status"] == 1 and d["ok"] is False
+        assert d["counts"]["hazard"] == 4
+    else:
+        assert "HAZARD   appbefore.Session: SQLAlchemy scoped_session shared by every greenlet" \
+            in proc.stdout
+        assert "Result: 4 hazard(s)" in proc.stdout
+
+
+def test_cli_requires_a_command(capsys: pytest.CaptureFixture[str]) -> None:
+    from scoping.__main__ import main
+
+    with pytest.raises(SystemExit) as exc:
+        main([])
+    assert exc.value.code == 2
+    assert "doctor" in capsys.readouterr().err
+
+
+@pytest.mark.gevent
+def test_demo_catches_the_planted_hazards(tmp_path: Path) -> None:
+    proc = run_child(tmp_path, "", args=["-m", "scoping", "doctor", "--demo"])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "HAZARD   demo_app.Session: SQLAlchemy scoped_session shared by every greenlet" \
+        in proc.stdout
+    assert "scoping.doctor.check() raised UnsafeProcess:" in proc.stdout
+    assert proc.stdout.rstrip().endswith(
+        "Demo passed: the doctor caught every planted hazard "
+        "(scoped_session.shared, psycopg2.blocking).")
+
+
+@pytest.mark.gevent
+def test_demo_json(tmp_path: Path) -> None:
+    proc = run_child(tmp_path, "", args=["-m", "scoping", "doctor", "--demo", "--json"])
+    assert proc.returncode == 0, proc.stderr
+    d = json.loads(proc.stdout)
+    assert d["caught"] is True and d["missing"] == [] and d["child_exit_status"] == 1
+    assert ("scoped_session.shared", "demo_app.Session") in hazard_codes(d["diagnosis"])
+
+
+def test_demo_fails_when_a_hazard_is_not_caught(monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    import scoping.__main__ as cli
+
+    monkeypatch.setattr(cli, "DEMO_EXPECTED", (("no.such.code", None),))
+    monkeypatch.setattr(cli, "DEMO_MAIN", "import sys; sys.exit(1)")
+    assert cli.run_demo() == 1
+    assert "Demo FAILED: child exit status 1, not caught: no.such.code" in capsys.readouterr().out
+
+
+GUNICORN_APP = """
+from sqlalchemy import orm
+Session = orm.scoped_session(orm.sessionmaker())   # built in the master with --preload
+
+def app(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"ok"]
+"""
+
+GUNICORN_CONF = """
+import scoping.doctor
+
+def post_fork(server, worker):
+    # Too early for -k gevent: the worker patches after this hook.
+    print("post_fork hazards:", len(scoping.doctor.diagnose().hazards), flush=True)
+
+def post_worker_init(worker):
+    scoping.doctor.check()
+"""
+
+
+@pytest.mark.gevent
+@pytest.mark.slow
+def test_gunicorn_post_worker_init_check_stops_the_boot(tmp_path: Path) -> None:
+    gunicorn = Path(sys.executable).with_name("gunicorn")
+    if not gunicorn.exists():
+        pytest.skip("gunicorn is not installed next to this Python")
+    (tmp_path / "wsgiapp.py").write_text(GUNICORN_APP)
+    (tmp_path / "gconf.py").write_text(GUNICORN_CONF)
+    proc = run_child(tmp_path, "", args=[
+        "-m", "gunicorn", "--preload", "-k", "gevent", "-w", "1", "-b", "127.0.0.1:0",
+        "-c", "gconf.py", "wsgiapp:app"],
+        # gunicorn 27 opens a control socket there: keep it private to this test.
+        extra_env={"XDG_RUNTIME_DIR": str(tmp_path)})
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 3, log  # gunicorn's "Worker failed to boot"
+    assert "post_fork hazards: 0" in log
+    assert "scoping.doctor.UnsafeProcess: 1 Session-scoping hazard(s)" in log
+    assert "- wsgiapp.Session: SQLAlchemy scoped_session shared by every greenlet" in log
+    assert "Reason: Worker failed to boot." in log
