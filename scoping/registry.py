@@ -131,6 +131,14 @@ class Registry(ScopedRegistry[_T]):
         except NoScopeToken:
             return None
         check_hashable(key, self.strategy)
+        return self.discard(key)
+
+    def discard(self, key: t.Hashable) -> _T | None:
+        """Take the object of scope ``key`` out of the registry and return it."""
+        if self._watched.get(key) is False:
+            # A polled scope is watched again if it makes a new object; a
+            # signalled one stays watched, so its callback is not added twice.
+            self._watched.pop(key, None)
         return self.registry.pop(key, None)
 
     def collect(self) -> int:

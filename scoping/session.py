@@ -169,7 +169,7 @@ class scoped_session(_sa_scoped_session[_S]):
                 del self._depth[key]
                 # Taken out under the lock so that a greenlet entering the same
                 # token now gets a fresh Session, not one being closed.
-                session = self.registry.registry.pop(key, None)
+                session = self.registry.discard(key)
         if session is not None:
             session.close()
 

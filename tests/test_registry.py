@@ -104,6 +104,15 @@ def test_token_shared_by_greenlets_is_removed_by_the_last(factory: sessionmaker[
     assert len(S.registry) == 0
 
 
+def test_many_tokens_leave_nothing_behind(factory: sessionmaker[Session]) -> None:
+    S = scoping.scoped_session(factory, scope="token")
+    for request_id in range(10_000):
+        with S.scope(request_id):
+            S.info["seen"] = True
+    assert len(S.registry) == 0
+    assert S.registry._watched == {} and S._depth == {}
+
+
 def test_scopefunc_gives_token_strategy(factory: sessionmaker[Session]) -> None:
     current = ["a"]
     S = scoping.scoped_session(factory, lambda: current[0])
