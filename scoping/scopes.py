@@ -352,6 +352,11 @@ class ContextVarScope(BaseScope):
 
         unit = _current_unit(self._getcurrent)
         refs[key] = (weakref.ref(ctx, context_freed), unit)
+        if getattr(unit, "parent", False) is None:
+            # A thread's main greenlet may run many contexts over its life;
+            # they die with their last reference (at the latest with the
+            # thread), so the weakref alone signals, with no per-thread list.
+            return True
         return watch_unit(unit, lambda: on_end(key))
 
     def is_ended(self, key: t.Hashable) -> bool:

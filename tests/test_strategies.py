@@ -251,6 +251,24 @@ def test_contextvar_session_closed_when_context_is_freed(
     assert CountingSession.closed == 10
 
 
+def test_contextvar_many_contexts_in_one_thread_leave_nothing_behind(
+    session_factory: sessionmaker[CountingSession],
+) -> None:
+    from scoping import scopes
+
+    S = scoping.scoped_session(session_factory, scope="contextvar")
+    S()  # the thread's own context
+    callbacks_before = len(scopes._native_local.callbacks) if scopes._native_local else 0
+    for _ in range(2000):
+        contextvars.copy_context().run(S)
+    S.registry.collect()
+    assert len(S.registry) == 1 and CountingSession.closed == 2000
+    assert len(S.registry._watched) == 1
+    assert len(S.strategy._refs) == 1  # type: ignore[attr-defined]
+    callbacks_after = len(scopes._native_local.callbacks) if scopes._native_local else 0
+    assert callbacks_after == callbacks_before
+
+
 def test_auto_is_decided_at_use_time(session_factory: sessionmaker[CountingSession]) -> None:
     S = scoping.scoped_session(session_factory)  # auto is the default
     assert S.strategy.name == "auto"
