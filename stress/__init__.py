@@ -1,0 +1,1 @@
+"""Stress harness for scoping: runs scenarios against a real PostgreSQL server."""
