@@ -298,3 +298,55 @@ def test_thread_strategy_follows_threading_local_replacement(
     monkeypatch.setattr(threading, "local", FakeLocal)
     assert S() is first  # same thread, same key: re-deciding keeps the Session
     assert S.strategy._local_cls is FakeLocal  # type: ignore[attr-defined]
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_threads_on_postgres(strategy: str, pg_engine: t.Any) -> None:
+    """The same behaviour with real I/O: threads insert, flush, read back and commit."""
+    from sqlalchemy import select, text
+
+    table = f"threads_{strategy}"
+    with pg_engine.begin() as conn:
+        conn.execute(text(f"DROP TABLE IF EXISTS {table}"))
+        conn.execute(text(f"CREATE TABLE {table} (id serial primary key, tag int)"))
+
+    class OwnBase(DeclarativeBase):
+        pass
+
+    class Tagged(OwnBase):
+        __tablename__ = table
+        id: Mapped[int] = mapped_column(Integer, primary_key=True)
+        tag: Mapped[int] = mapped_column(Integer)
+
+    S = scoping.scoped_session(sessionmaker(bind=pg_engine), scope=strategy)
+    barrier = threading.Barrier(5)
+    foreign: list[int] = []
+    errors: list[BaseException] = []
+
+    def work(i: int) -> None:
+        token = S.scope(i) if strategy == "token" else S.scope()
+        try:
+            with token:
+                S.add_all([Tagged(tag=i) for _ in range(3)])
+                S.flush()
+                barrier.wait(timeout=20)  # every thread is mid-transaction now
+                rows = S.scalars(select(Tagged).where(Tagged.tag == i)).all()
+                foreign.extend(o.tag for o in S.identity_map.values() if o.tag != i)
+                assert len(rows) == 3
+                S.commit()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(5)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=30)
+    assert errors == [] and foreign == []
+    with pg_engine.connect() as conn:
+        counts = dict(conn.execute(text(f"select tag, count(*) from {table} group by tag")).all())
+        conn.execute(text(f"DROP TABLE {table}"))
+        conn.commit()
+    assert counts == {i: 3 for i in range(5)}
+    assert len(S.registry) == 0 and pg_engine.pool.checkedout() == 0
