@@ -16,15 +16,15 @@ monkey.patch_all()
 
 import gevent  # noqa: E402
 import greenlet  # noqa: E402
-from psycogreen.gevent import patch_psycopg  # noqa: E402
 from sqlalchemy import create_engine, text  # noqa: E402
 from sqlalchemy.exc import TimeoutError as PoolTimeout  # noqa: E402
 from sqlalchemy.orm import sessionmaker  # noqa: E402
 from sqlalchemy.util import ScopedRegistry  # noqa: E402
 
 import scoping  # noqa: E402
+from scoping.green import patch_psycopg2  # noqa: E402
 
-patch_psycopg()
+patch_psycopg2()
 kind, count = sys.argv[1], int(sys.argv[2])
 engine = create_engine(
     os.environ["SCOPING_TEST_URL"], pool_size=5, max_overflow=0, pool_timeout=float(sys.argv[3])

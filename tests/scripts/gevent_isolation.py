@@ -25,13 +25,13 @@ from gevent import monkey  # noqa: E402
 monkey.patch_all()
 
 import gevent  # noqa: E402
-from psycogreen.gevent import patch_psycopg  # noqa: E402
 from sqlalchemy import Integer, String, create_engine, select, text  # noqa: E402
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker  # noqa: E402
 
 import scoping  # noqa: E402
+from scoping.green import patch_psycopg2  # noqa: E402
 
-patch_psycopg()
+patch_psycopg2()
 
 if order == "patch-first":
     Session = scoping.scoped_session(sessionmaker(), scope=strategy)
