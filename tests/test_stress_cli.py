@@ -1,0 +1,194 @@
+"""``python -m stress`` end to end, as a subprocess (gevent never patches this process)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import typing as t
+
+import pytest
+
+from stress import runner
+from stress.detectors import anomalies
+from stress.runner import run_cell
+from stress.scenarios import SCENARIOS, SETUPS, STRATEGIES
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _stress(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "stress", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
+
+
+def test_help_explains_every_scenario() -> None:
+    out = _stress("--help")
+    assert out.returncode == 0
+    for scenario in SCENARIOS.values():
+        line = next(ln for ln in out.stdout.splitlines() if ln.strip().startswith(scenario.name))
+        assert scenario.summary[:30] in " ".join(out.stdout.split())
+        assert line.strip() != scenario.name  # the name comes with its one-line summary
+    for option in (
+        "--quick",
+        "--scenarios",
+        "--strategies",
+        "--concurrency",
+        "--requests",
+        "--duration",
+        "--dsn",
+        "--json",
+        "--seed",
+    ):
+        assert option in out.stdout
+
+
+def test_bad_dsn_is_one_line_and_fails() -> None:
+    out = _stress("--quick", "--dsn", "postgresql://nobody@127.0.0.1:1/nothing")
+    assert out.returncode == 2
+    assert out.stdout == ""
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1, out.stderr
+    assert lines[0].startswith("stress: ") and "127.0.0.1:1" in lines[0]
+    assert "Traceback" not in out.stderr
+
+
+def test_unknown_scenario_is_one_line() -> None:
+    out = _stress("--scenarios", "late-patch,nope")
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        "stress: unknown scenario: nope (choose from: " + ", ".join(SCENARIOS) + ")"
+    ]
+
+
+def test_in_memory_sqlite_is_refused() -> None:
+    out = _stress("--dsn", "sqlite://")
+    assert out.returncode == 2
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("py_spy", [True, False], ids=["py-spy", "faulthandler"])
+def test_a_stuck_cell_is_reported_as_a_hang_with_its_stack(
+    py_spy: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A process whose only thread blocks for good (as in libpq) is caught from outside."""
+    if not py_spy:
+        monkeypatch.setattr(runner, "_py_spy", lambda: None)
+    code = textwrap.dedent(
+        """
+        import faulthandler, json, signal, sys, threading
+        faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
+        print(json.dumps({"ev": "ready", "driver": "test"}), flush=True)
+        print(json.dumps({"ev": "req", "rid": "r0", "outcome": "ok"}), flush=True)
+        lock = threading.Lock()
+        lock.acquire()
+        lock.acquire()  # never returns: no timer in this process can fire
+        """
+    )
+    run = run_cell({}, stall=1.0, deadline=30.0, command=[sys.executable, "-c", code])
+    assert run.hang and run.hang_reason == "no request finished for 1 s"
+    assert [r.rid for r in run.records] == ["r0"]
+    assert run.probe is None
+    assert run.returncode == -9  # killed by the watcher
+    if py_spy and runner._py_spy() is None:
+        pytest.skip("py-spy is not installed")
+    if py_spy:
+        assert run.stack.startswith(("py-spy dump:", "faulthandler:"))  # py-spy may lack ptrace
+    else:
+        assert run.stack.startswith("faulthandler:")
+        assert 'File "<string>", line 8 in <module>' in run.stack
+    assert "<module>" in run.stack
+    assert run.wall < 25
+
+
+def test_a_cell_that_dies_is_a_crash_not_a_hang() -> None:
+    code = 'import json; print(json.dumps({"ev": "ready"}), flush=True); raise SystemExit(3)'
+    run = run_cell({}, stall=5.0, deadline=30.0, command=[sys.executable, "-c", code])
+    assert not run.hang
+    assert run.probe is None and run.returncode == 3
+
+
+def _load(path: t.Any) -> dict[str, t.Any]:
+    with open(path, encoding="utf-8") as f:
+        return t.cast(dict[str, t.Any], json.load(f))
+
+
+@pytest.mark.slow
+def test_sqlite_run_says_what_it_cannot_show(tmp_path: t.Any) -> None:
+    report = tmp_path / "sqlite.json"
+    out = _stress(
+        "--dsn",
+        f"sqlite:///{tmp_path / 'stress.db'}",
+        "--scenarios",
+        "ident-reuse,no-remove,timeout-kill",
+        "--strategies",
+        "greenlet,auto",
+        "--quick",
+        "--json",
+        str(report),
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    doc = _load(report)
+    assert doc["database"]["dialect"] == "sqlite"
+    assert any("SQLite" in note and "pg_stat_activity" in note for note in doc["notes"])
+    cells = {(c["scenario"], c["setup"]): c for c in doc["cells"]}
+    assert len(cells) == 9
+    for setup in ("baseline", "greenlet", "auto"):
+        assert cells["timeout-kill", setup]["status"] == "n/a"
+        assert "PostgreSQL" in cells["timeout-kill", setup]["reason"]
+    assert cells["no-remove", "baseline"]["metrics"]["registry"] > 0
+    assert cells["ident-reuse", "baseline"]["ok"] is True
+    for s in ("ident-reuse", "no-remove"):
+        for setup in ("greenlet", "auto"):
+            assert anomalies(cells[s, setup]["metrics"]) == {}
+    assert out.stdout.strip().splitlines()[-1].startswith("OK: 2 baselines")
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+def test_quick_matrix_against_postgres(pg_server: t.Any, tmp_path: t.Any) -> None:
+    """The CI run: every strategy clean, every baseline shows its hazard, exit 0."""
+    report = tmp_path / "quick.json"
+    out = _stress("--quick", "--json", str(report), "--dsn", pg_server.dsn, timeout=400)
+    assert out.returncode == 0, out.stdout[-5000:] + out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1].startswith("OK: 7 baselines reproduced")
+    doc = _load(report)
+    assert doc["verdict"]["ok"] is True
+    assert doc["database"]["dialect"] == "postgresql"
+    assert doc["database"]["server_version"]
+    assert "password" not in json.dumps(doc["database"]).lower() or "***" in json.dumps(doc)
+    versions = doc["environment"]["versions"]
+    for dist in ("sqlalchemy", "gevent", "greenlet", "psycopg2-binary"):
+        assert versions[dist], dist
+    assert doc["options"]["quick"] is True and doc["options"]["seed"] == 1
+    cells = {(c["scenario"], c["setup"]): c for c in doc["cells"]}
+    assert set(cells) == {(s, setup) for s in SCENARIOS for setup in SETUPS}
+    not_applicable = {k for k, c in cells.items() if c["status"] == "n/a"}
+    assert not_applicable == {("thread-false", "thread"), ("raw-greenlet", "thread")}
+    for key, cell in cells.items():
+        if key in not_applicable:
+            assert "threading is not patched" in cell["reason"]
+            continue
+        m = cell["metrics"]
+        if cell["kind"] == "strategy":
+            assert key[1] in STRATEGIES
+            assert cell["ok"] is True and cell["status"] == "clean", (key, cell["reason"])
+            assert anomalies(m) == {}, key
+            assert m["requests"] == m["expected"] == 60, key
+            assert m["registry"] == 0 and m["checkedout"] == 0, key
+        else:
+            assert cell["ok"] is True, (key, cell["reason"])
+            assert any((m.get(tgt) or 0) > 0 for tgt in cell["targets"]), key
+    # the hazards that only PostgreSQL shows
+    assert cells["timeout-kill", "baseline"]["metrics"]["lingering"] > 0
+    assert cells["no-remove", "baseline"]["metrics"]["registry"] > 0
+    ident = cells["ident-reuse", "baseline"]["metrics"]
+    assert ident["stale"] > 0 and ident["db_failed"] > 0
