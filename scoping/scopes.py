@@ -357,11 +357,22 @@ class ContextVarScope(BaseScope):
             # they die with their last reference (at the latest with the
             # thread), so the weakref alone signals, with no per-thread list.
             return True
-        return watch_unit(unit, lambda: on_end(key))
+        def owner_ended() -> None:
+            # Drop the entry too: it holds the unit, and the unit its Context,
+            # so neither could be freed while the entry exists.
+            refs.pop(key, None)
+            on_end(key)
+
+        return watch_unit(unit, owner_ended)
 
     def is_ended(self, key: t.Hashable) -> bool:
         entry = self._refs.get(key)
-        return entry is None or entry[0]() is None or unit_ended(entry[1])
+        if entry is None:
+            return True
+        if entry[0]() is None or unit_ended(entry[1]):
+            self._refs.pop(key, None)  # it holds the unit, which holds the Context
+            return True
+        return False
 
 
 class _Unbound:

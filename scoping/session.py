@@ -26,7 +26,7 @@ from sqlalchemy.util import warn
 
 from .guard import SessionGuard
 from .registry import Registry
-from .scopes import ScopeStrategy, strategy_for
+from .scopes import AutoScope, ContextVarScope, ScopeStrategy, strategy_for
 
 if t.TYPE_CHECKING:
     from sqlalchemy.orm import sessionmaker
@@ -69,20 +69,68 @@ class scoped_session(_sa_scoped_session[_S]):
         # lookup plus one strategy call.
         self._sessions = self.registry.registry
         self._current = self.registry.scopefunc
+        # Two strategies are inlined into the hot paths below, so that a hit
+        # makes no Python call besides the property itself (only for exactly
+        # these classes: a subclass may redefine current()):
+        # - ContextVarScope: the key is the id of the running Context.
+        #   gr_context is None until the greenlet has a Context; id(None) is
+        #   never a key, so that case misses and goes through the strategy,
+        #   which makes the Context.
+        # - AutoScope: outside a running asyncio loop the key is the current
+        #   greenlet; with a loop running, the strategy decides.
+        self._inline_getcurrent: t.Callable[[], t.Any] | None = None
+        self._inline_running_loop: t.Callable[[], t.Any] | None = None
+        if type(self.strategy) in (ContextVarScope, AutoScope):
+            try:
+                from greenlet import getcurrent
+            except ImportError:  # pragma: no cover - greenlet is a dependency
+                pass  # AutoScope then keys by thread: not inlined
+            else:
+                self._inline_getcurrent = getcurrent
+                if type(self.strategy) is AutoScope:
+                    from asyncio import events
+
+                    self._inline_running_loop = events._get_running_loop
         self._depth: dict[t.Hashable, int] = {}
         self._depth_lock: t.Any = None  # made on first scope(), never at import
 
     @property
     def _proxied(self) -> _S:
         try:
+            getcurrent = self._inline_getcurrent
+            if getcurrent is None:
+                return self._sessions[self._current()]
+            running_loop = self._inline_running_loop
+            if running_loop is None:  # contextvar
+                return self._sessions[id(getcurrent().gr_context)]
+            if running_loop() is None:  # auto, outside asyncio
+                return self._sessions[getcurrent()]
             return self._sessions[self._current()]
         except (KeyError, TypeError):
             return self.registry()
 
     def __call__(self, **kw: t.Any) -> _S:
-        session = super().__call__(**kw)
-        if kw and self.guard:
-            SessionGuard.install(session, self.strategy)
+        if kw:
+            session = super().__call__(**kw)
+            if self.guard:
+                SessionGuard.install(session, self.strategy)
+            return session
+        # The body of _proxied, repeated on purpose: Session() is called once
+        # or more per request, and a property call here costs 15-20 %.
+        try:
+            getcurrent = self._inline_getcurrent
+            if getcurrent is None:
+                session = self._sessions[self._current()]
+            elif self._inline_running_loop is None:  # contextvar
+                session = self._sessions[id(getcurrent().gr_context)]
+            elif self._inline_running_loop() is None:  # auto, outside asyncio
+                session = self._sessions[getcurrent()]
+            else:
+                session = self._sessions[self._current()]
+        except (KeyError, TypeError):
+            session = self.registry()
+        if session._is_asyncio:
+            return super().__call__()  # SQLAlchemy's own deprecation warning
         return session
 
     def _create_guarded(self) -> _S:

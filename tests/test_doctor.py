@@ -36,21 +36,32 @@ print(_json.dumps({"diagnosis": _d.to_dict(),
 """
 
 
-def run_child(tmp_path: Path, code: str, modules: dict[str, str] | None = None,
-              args: t.Sequence[str] = (),
-              extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def run_child(
+    tmp_path: Path,
+    code: str,
+    modules: dict[str, str] | None = None,
+    args: t.Sequence[str] = (),
+    extra_env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess[str]:
     for name, src in (modules or {}).items():
         (tmp_path / f"{name}.py").write_text(textwrap.dedent(src))
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), str(ROOT)])
     env.update(extra_env or {})
     return subprocess.run(
-        [sys.executable, *(args or ["-c", textwrap.dedent(code)])], cwd=tmp_path, env=env,
-        capture_output=True, text=True, timeout=TIMEOUT, check=False)
+        [sys.executable, *(args or ["-c", textwrap.dedent(code)])],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
 
 
-def diagnose_child(tmp_path: Path, code: str,
-                   modules: dict[str, str] | None = None) -> dict[str, t.Any]:
+def diagnose_child(
+    tmp_path: Path, code: str, modules: dict[str, str] | None = None
+) -> dict[str, t.Any]:
     proc = run_child(tmp_path, textwrap.dedent(code) + REPORT, modules)
     assert proc.returncode == 0, proc.stderr
     out: dict[str, t.Any] = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -68,8 +79,9 @@ def one(diagnosis: dict[str, t.Any], code: str, subject: str | None = None) -> d
 
 
 def hazard_codes(diagnosis: dict[str, t.Any]) -> list[tuple[str, str | None]]:
-    return sorted((f["code"], f["subject"]) for f in diagnosis["findings"]
-                  if f["severity"] == "hazard")
+    return sorted(
+        (f["code"], f["subject"]) for f in diagnosis["findings"] if f["severity"] == "hazard"
+    )
 
 
 # An app module that builds everything at import time, before patch_all().
@@ -109,13 +121,17 @@ ByIdent = orm.scoped_session(orm.sessionmaker(), scopefunc=threading.get_ident)
 def patched_report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, t.Any]:
     """appbefore built before patch_all(), appafter after it; psycopg2 without callback."""
     tmp = tmp_path_factory.mktemp("patched")
-    return diagnose_child(tmp, """
+    return diagnose_child(
+        tmp,
+        """
         import appbefore
         import psycopg2
         from gevent import monkey
         monkey.patch_all()
         import appafter
-    """, {"appbefore": APP_BEFORE, "appafter": APP_AFTER})["diagnosis"]
+    """,
+        {"appbefore": APP_BEFORE, "appafter": APP_AFTER},
+    )["diagnosis"]
 
 
 # --------------------------------------------------------------------------
@@ -123,11 +139,14 @@ def patched_report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, t.Any]
 
 
 def test_clean_process_has_no_hazard_and_doctor_imports_no_gevent(tmp_path: Path) -> None:
-    out = diagnose_child(tmp_path, """
+    out = diagnose_child(
+        tmp_path,
+        """
         import sqlalchemy as sa
         from sqlalchemy import orm
         Session = orm.scoped_session(orm.sessionmaker())
-    """)
+    """,
+    )
     d = out["diagnosis"]
     assert out["gevent_imported"] is False
     assert out["psycopg2_imported"] is False
@@ -155,12 +174,15 @@ def test_psycopg2_without_gevent_is_ok(tmp_path: Path) -> None:
 
 
 def test_get_ident_scopefunc_without_gevent_is_a_warning(tmp_path: Path) -> None:
-    d = diagnose_child(tmp_path, """
+    d = diagnose_child(
+        tmp_path,
+        """
         import threading
         from sqlalchemy import orm
         S = orm.scoped_session(orm.sessionmaker(), scopefunc=threading.get_ident)
         S()
-    """)["diagnosis"]
+    """,
+    )["diagnosis"]
     f = one(d, "scoped_session.get_ident_threads", "__main__.S")
     assert f["severity"] == "warning"
     assert "It holds 1 Session(s) now." in f["detail"]
@@ -178,7 +200,9 @@ def test_asyncio_running_loop_recommends_contextvar() -> None:
 
 def test_raw_greenlets_without_gevent_recommend_greenlet(tmp_path: Path) -> None:
     # In a child: pytest's own process may hold live greenlets left by other tests.
-    proc = run_child(tmp_path, """
+    proc = run_child(
+        tmp_path,
+        """
         import json, greenlet
         import scoping.doctor as doctor
         before = doctor.diagnose().recommended_scope
@@ -186,7 +210,8 @@ def test_raw_greenlets_without_gevent_recommend_greenlet(tmp_path: Path) -> None
         g = greenlet.greenlet(lambda: seen.append(doctor.diagnose()))
         g.switch()
         print(json.dumps([before, g.dead, seen[0].recommended_scope, seen[0].reason]))
-    """)
+    """,
+    )
     assert proc.returncode == 0, proc.stderr
     before, dead, inside, reason = json.loads(proc.stdout)
     assert (before, dead, inside) == ("thread", True, "greenlet")
@@ -207,8 +232,10 @@ def test_old_greenlet_without_contextvars_is_flagged() -> None:
     old = dataclasses.replace(rt, greenlet_version="0.4.16")
     (f,) = doctor._check_greenlet(old)
     assert f.code == "greenlet.no_contextvars" and f.severity == "warning"
-    assert doctor._check_greenlet(dataclasses.replace(rt, greenlet_version="0.4.17"))[0].severity \
+    assert (
+        doctor._check_greenlet(dataclasses.replace(rt, greenlet_version="0.4.17"))[0].severity
         == "ok"
+    )
 
 
 # --------------------------------------------------------------------------
@@ -217,7 +244,8 @@ def test_old_greenlet_without_contextvars_is_flagged() -> None:
 
 @pytest.mark.gevent
 def test_sa_scoped_session_built_before_patch_is_a_named_hazard(
-        patched_report: dict[str, t.Any]) -> None:
+    patched_report: dict[str, t.Any],
+) -> None:
     f = one(patched_report, "scoped_session.shared", "appbefore.Session")
     assert f["severity"] == "hazard"
     assert 'scope="greenlet"' in f["fix"]
@@ -227,10 +255,12 @@ def test_sa_scoped_session_built_before_patch_is_a_named_hazard(
 
 @pytest.mark.gevent
 def test_sa_scoped_session_built_after_patch_is_ok(patched_report: dict[str, t.Any]) -> None:
-    assert one(patched_report, "scoped_session.gevent_local", "appafter.Session")["severity"] \
-        == "ok"
-    assert [s for c, s in hazard_codes(patched_report) if s and s.startswith("appafter.Session")] \
-        == []
+    assert (
+        one(patched_report, "scoped_session.gevent_local", "appafter.Session")["severity"] == "ok"
+    )
+    assert [
+        s for c, s in hazard_codes(patched_report) if s and s.startswith("appafter.Session")
+    ] == []
 
 
 @pytest.mark.gevent
@@ -243,17 +273,20 @@ def test_scoping_session_is_ok_with_its_strategy(patched_report: dict[str, t.Any
 @pytest.mark.gevent
 def test_scopefuncs_under_gevent(patched_report: dict[str, t.Any]) -> None:
     # Native get_ident (bound before patching) and gevent's (after): both hazards.
-    assert one(patched_report, "scoped_session.get_ident", "appbefore.ByIdent")["severity"] \
-        == "hazard"
-    assert one(patched_report, "scoped_session.get_ident", "appafter.ByIdent")["severity"] \
-        == "hazard"
+    assert (
+        one(patched_report, "scoped_session.get_ident", "appbefore.ByIdent")["severity"] == "hazard"
+    )
+    assert (
+        one(patched_report, "scoped_session.get_ident", "appafter.ByIdent")["severity"] == "hazard"
+    )
     f = one(patched_report, "scoped_session.getcurrent", "appbefore.ByGreenlet")
     assert f["severity"] == "warning" and 'scope="greenlet"' in f["fix"]
 
 
 @pytest.mark.gevent
 def test_psycopg2_without_callback_under_gevent_is_a_hazard(
-        patched_report: dict[str, t.Any]) -> None:
+    patched_report: dict[str, t.Any],
+) -> None:
     f = one(patched_report, "psycopg2.blocking")
     assert f["severity"] == "hazard"
     assert "scoping.green.patch_psycopg2()" in f["fix"]
@@ -288,7 +321,9 @@ def test_patched_report_hazards_and_recommendation(patched_report: dict[str, t.A
 def test_native_pool_locks_really_do_not_block_the_hub(tmp_path: Path) -> None:
     """The reason engine.pool_native_locks is info: an engine built before
     patch_all() with one pooled connection still lets a waiting checkout yield."""
-    proc = run_child(tmp_path, """
+    proc = run_child(
+        tmp_path,
+        """
         import json
         import sqlalchemy as sa
         engine = sa.create_engine("sqlite:///pool.db", pool_size=1, max_overflow=0,
@@ -307,7 +342,8 @@ def test_native_pool_locks_really_do_not_block_the_hub(tmp_path: Path) -> None:
         gevent.joinall([gevent.spawn(holder), gevent.spawn(waiter), gevent.spawn(ticker)],
                        timeout=10)
         print(json.dumps([type(engine.pool._pool.mutex).__module__, log]))
-    """)
+    """,
+    )
     assert proc.returncode == 0, proc.stderr
     mutex_module, log = json.loads(proc.stdout)
     assert mutex_module == "_thread"  # native, as the doctor reports
@@ -316,12 +352,15 @@ def test_native_pool_locks_really_do_not_block_the_hub(tmp_path: Path) -> None:
 
 @pytest.mark.gevent
 def test_psycogreen_callback_is_a_warning(tmp_path: Path) -> None:
-    d = diagnose_child(tmp_path, """
+    d = diagnose_child(
+        tmp_path,
+        """
         from gevent import monkey
         monkey.patch_all()
         import psycogreen.gevent
         psycogreen.gevent.patch_psycopg()
-    """)["diagnosis"]
+    """,
+    )["diagnosis"]
     f = one(d, "psycopg2.psycogreen")
     assert f["severity"] == "warning"
     assert f["subject"] == "psycogreen.gevent.gevent_wait_callback"
@@ -331,12 +370,15 @@ def test_psycogreen_callback_is_a_warning(tmp_path: Path) -> None:
 
 @pytest.mark.gevent
 def test_scoping_green_callback_is_ok(tmp_path: Path) -> None:
-    d = diagnose_child(tmp_path, """
+    d = diagnose_child(
+        tmp_path,
+        """
         from gevent import monkey
         monkey.patch_all()
         import scoping.green
         scoping.green.patch_psycopg2()
-    """)["diagnosis"]
+    """,
+    )["diagnosis"]
     f = one(d, "psycopg2.scoping_green")
     assert f["severity"] == "ok"
     assert f["subject"] == "scoping.green.GeventWaitCallback"
@@ -354,18 +396,23 @@ def test_gevent_imported_but_not_patched(tmp_path: Path) -> None:
 
 @pytest.mark.gevent
 def test_patch_all_without_threads(tmp_path: Path) -> None:
-    d = diagnose_child(tmp_path, """
+    d = diagnose_child(
+        tmp_path,
+        """
         from gevent import monkey
         monkey.patch_all(thread=False)
         from sqlalchemy import orm
         import scoping
         Session = orm.scoped_session(orm.sessionmaker())   # built after, still per OS thread
         ByThread = scoping.scoped_session(orm.sessionmaker(), scope="thread")
-    """)["diagnosis"]
+    """,
+    )["diagnosis"]
     assert one(d, "gevent.threading_unpatched")["severity"] == "warning"
     assert one(d, "scoped_session.shared", "__main__.Session")["severity"] == "hazard"
-    assert one(d, "scoped_session.scoping_thread_unpatched", "__main__.ByThread")["severity"] \
+    assert (
+        one(d, "scoped_session.scoping_thread_unpatched", "__main__.ByThread")["severity"]
         == "warning"
+    )
 
 
 # --------------------------------------------------------------------------
@@ -389,7 +436,9 @@ def test_check_returns_the_diagnosis_when_safe() -> None:
 
 @pytest.mark.gevent
 def test_check_raises_naming_the_fix(tmp_path: Path) -> None:
-    proc = run_child(tmp_path, """
+    proc = run_child(
+        tmp_path,
+        """
         from sqlalchemy import orm
         Session = orm.scoped_session(orm.sessionmaker())
         from gevent import monkey
@@ -403,7 +452,8 @@ def test_check_raises_naming_the_fix(tmp_path: Path) -> None:
             print(exc)
         else:
             raise SystemExit("check() did not raise")
-    """)
+    """,
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == [
         "1 Session-scoping hazard(s) in this process (scoping.diagnose() gives the full report):",
@@ -417,8 +467,15 @@ def test_cli_clean_process_json_and_exit_0(tmp_path: Path) -> None:
     proc = run_child(tmp_path, "", args=["-m", "scoping", "doctor", "--json"])
     assert proc.returncode == 0, proc.stderr
     d = json.loads(proc.stdout)
-    assert set(d) == {"ok", "exit_status", "counts", "recommended_scope", "reason", "runtime",
-                      "findings"}
+    assert set(d) == {
+        "ok",
+        "exit_status",
+        "counts",
+        "recommended_scope",
+        "reason",
+        "runtime",
+        "findings",
+    }
     assert d["ok"] is True and d["exit_status"] == 0
     assert set(d["counts"]) == {"ok", "info", "warning", "hazard"}
     for f in d["findings"]:
@@ -446,8 +503,10 @@ def test_cli_hazard_exits_1(tmp_path: Path, as_json: bool) -> None:
         assert d["exit_status"] == 1 and d["ok"] is False
         assert d["counts"]["hazard"] == 4
     else:
-        assert "HAZARD   appbefore.Session: SQLAlchemy scoped_session shared by every greenlet" \
+        assert (
+            "HAZARD   appbefore.Session: SQLAlchemy scoped_session shared by every greenlet"
             in proc.stdout
+        )
         assert "Result: 4 hazard(s)" in proc.stdout
 
 
@@ -464,12 +523,15 @@ def test_cli_requires_a_command(capsys: pytest.CaptureFixture[str]) -> None:
 def test_demo_catches_the_planted_hazards(tmp_path: Path) -> None:
     proc = run_child(tmp_path, "", args=["-m", "scoping", "doctor", "--demo"])
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "HAZARD   demo_app.Session: SQLAlchemy scoped_session shared by every greenlet" \
+    assert (
+        "HAZARD   demo_app.Session: SQLAlchemy scoped_session shared by every greenlet"
         in proc.stdout
+    )
     assert "scoping.doctor.check() raised UnsafeProcess:" in proc.stdout
     assert proc.stdout.rstrip().endswith(
         "Demo passed: the doctor caught every planted hazard "
-        "(scoped_session.shared, psycopg2.blocking).")
+        "(scoped_session.shared, psycopg2.blocking)."
+    )
 
 
 @pytest.mark.gevent
@@ -481,8 +543,9 @@ def test_demo_json(tmp_path: Path) -> None:
     assert ("scoped_session.shared", "demo_app.Session") in hazard_codes(d["diagnosis"])
 
 
-def test_demo_fails_when_a_hazard_is_not_caught(monkeypatch: pytest.MonkeyPatch,
-                                                capsys: pytest.CaptureFixture[str]) -> None:
+def test_demo_fails_when_a_hazard_is_not_caught(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     import scoping.__main__ as cli
 
     monkeypatch.setattr(cli, "DEMO_EXPECTED", (("no.such.code", None),))
@@ -520,11 +583,26 @@ def test_gunicorn_post_worker_init_check_stops_the_boot(tmp_path: Path) -> None:
         pytest.skip("gunicorn is not installed next to this Python")
     (tmp_path / "wsgiapp.py").write_text(GUNICORN_APP)
     (tmp_path / "gconf.py").write_text(GUNICORN_CONF)
-    proc = run_child(tmp_path, "", args=[
-        "-m", "gunicorn", "--preload", "-k", "gevent", "-w", "1", "-b", "127.0.0.1:0",
-        "-c", "gconf.py", "wsgiapp:app"],
+    proc = run_child(
+        tmp_path,
+        "",
+        args=[
+            "-m",
+            "gunicorn",
+            "--preload",
+            "-k",
+            "gevent",
+            "-w",
+            "1",
+            "-b",
+            "127.0.0.1:0",
+            "-c",
+            "gconf.py",
+            "wsgiapp:app",
+        ],
         # gunicorn 27 opens a control socket there: keep it private to this test.
-        extra_env={"XDG_RUNTIME_DIR": str(tmp_path)})
+        extra_env={"XDG_RUNTIME_DIR": str(tmp_path)},
+    )
     log = proc.stdout + proc.stderr
     assert proc.returncode == 3, log  # gunicorn's "Worker failed to boot"
     assert "post_fork hazards: 0" in log

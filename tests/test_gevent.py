@@ -145,11 +145,17 @@ def test_gevent_greenlets_clean_up_without_database(strategy: str) -> None:
         glets = [gevent.spawn(work, i) for i in range(500)]
         gevent.joinall(glets)
         gevent.sleep(0); gevent.sleep(0)
-        print(json.dumps({{"live": len(S.registry), "closed": len(closed)}}))
+        del glets
+        import gc, greenlet
+        gc.collect()
+        dead = sum(1 for o in gc.get_objects() if isinstance(o, greenlet.greenlet) and o.dead)
+        print(json.dumps({{"live": len(S.registry), "closed": len(closed), "dead_kept": dead,
+                           "refs": len(getattr(S.strategy, "_refs", ()))}}))
     """
     r = run_python(code)
     if strategy == "token":
         # Integer tokens say nothing about when their work ends: they stay.
-        assert r == {"live": 500, "closed": 0}
+        assert r == {"live": 500, "closed": 0, "dead_kept": 0, "refs": 0}
     else:
-        assert r == {"live": 0, "closed": 500}
+        # Nothing keeps the dead greenlets (or their contexts) alive.
+        assert r == {"live": 0, "closed": 500, "dead_kept": 0, "refs": 0}

@@ -1,0 +1,685 @@
+"""Benchmarks: scoping against SQLAlchemy's own ``scoped_session``, side by side.
+
+Run ``python -m stress.bench`` (all sections, about 4 minutes on 2 cores) or
+``python -m stress.bench --quick`` (about 20 s, used by the tests to check that
+the benchmark runs, never how fast). ``--only proxy,calls,scale,memory,e2e``
+runs a subset and ``--json PATH`` writes every figure as JSON.
+
+Sections
+--------
+``proxy``   ns per call of ``Session.info`` (a proxied attribute),
+            ``Session.get_bind()`` (a proxied method) and ``Session()``, per
+            strategy and with ``guard=True``, against SQLAlchemy's thread-local
+            ``scoped_session`` and a direct Session (the floor). ``timeit`` loops
+            inside the timer; every (variant, op) is sampled once per round,
+            rounds interleave all variants, the figure is the minimum over the
+            rounds minus the minimum of an empty loop. Ratios are to SQLAlchemy.
+``calls``   Python and C function calls on the hot path (``sys.setprofile``):
+            deterministic, the numbers ``tests/test_call_budget.py`` budgets.
+``scale``   ``Session.info`` while 1, 1,000 and 100,000 scopes hold a Session
+            (raw greenlets parked mid-function), one subprocess per strategy.
+``memory``  100,000 short-lived gevent greenlets call ``Session()`` and execute
+            ``select 1`` on SQLite (QueuePool size 5, no overflow) and never
+            ``remove()``: sessions left, connections checked out, RSS growth.
+``e2e``     200 greenlets under gevent against PostgreSQL, two SELECTs and a
+            commit per request, scoped Session vs one explicit Session per
+            request (no registry). One subprocess per run, variants
+            interleaved, median of the repeats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import timeit
+import types
+import typing as t
+
+SECTIONS = ("proxy", "calls", "scale", "memory", "e2e")
+STRATEGIES = ("thread", "greenlet", "contextvar", "token", "auto")
+PROXY_OPS = {"info": "S.info", "method": "S.get_bind()", "call": "S()"}
+PROXY_METHOD = "get_bind()"
+GOAL = {"thread": 1.0, "greenlet": 1.0, "contextvar": 1.1, "token": 1.1, "auto": 1.1}
+SCALE_GOAL = 1.5
+RSS_GOAL_MB = 5.0
+E2E_GOAL = 0.97
+
+Json = dict[str, t.Any]
+
+
+def _log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# --- proxy overhead -----------------------------------------------------------
+
+
+@contextlib.contextmanager
+def proxy_variants(guards: bool = True) -> t.Iterator[list[tuple[str, t.Any]]]:
+    """(name, object) pairs for the proxy section, each holding a current Session.
+
+    The token variant runs inside ``Session.scope("t")``, entered here and left
+    on exit.
+    """
+    from sqlalchemy import create_engine
+    from sqlalchemy.orm import scoped_session as sa_scoped_session
+    from sqlalchemy.orm import sessionmaker
+
+    import scoping
+
+    factory = sessionmaker(bind=create_engine("sqlite://"))
+    variants: list[tuple[str, t.Any]] = [
+        ("direct", factory()),
+        ("sqlalchemy", sa_scoped_session(factory)),
+    ]
+    for guard in (False, True) if guards else (False,):
+        for name in STRATEGIES:
+            label = f"{name}+guard" if guard else name
+            variants.append((label, scoping.scoped_session(factory, scope=name, guard=guard)))
+    with contextlib.ExitStack() as stack:
+        for name, obj in variants:
+            if name.startswith("token"):
+                stack.enter_context(obj.scope("t"))
+            if name != "direct":
+                obj()  # the Session exists: every timed call is a hit
+        yield variants
+        for name, obj in variants:
+            if name != "direct" and not name.startswith("token"):
+                obj.remove()
+
+
+def bench_proxy(number: int, rounds: int) -> Json:
+    """Per-call cost of the proxy for every variant, interleaved; see the module doc."""
+    with proxy_variants() as variants:
+        samples: dict[tuple[str, str], float] = {}
+        empty = timeit.Timer("pass")
+        best_empty = float("inf")
+        timers = [
+            (name, op, timeit.Timer(stmt, globals={"S": obj}))
+            for name, obj in variants
+            for op, stmt in PROXY_OPS.items()
+            if not (name == "direct" and op == "call")
+        ]
+        for _ in range(rounds):
+            best_empty = min(best_empty, empty.timeit(number))
+            for name, op, timer in timers:
+                took = timer.timeit(number)
+                key = (name, op)
+                samples[key] = min(samples.get(key, float("inf")), took)
+    loop_ns = best_empty / number * 1e9
+    results: dict[str, dict[str, Json]] = {}
+    for (name, op), best in samples.items():
+        results.setdefault(name, {})[op] = {"ns": round(best / number * 1e9 - loop_ns, 1)}
+    for ops in results.values():
+        for op, cell in ops.items():
+            cell["ratio"] = round(cell["ns"] / results["sqlalchemy"][op]["ns"], 3)
+    return {
+        "ops": {"info": "Session.info", "method": f"Session.{PROXY_METHOD}", "call": "Session()"},
+        "stat": f"min over {rounds} interleaved rounds of {number} loops, minus an empty loop",
+        "loop_ns": round(loop_ns, 1),
+        "results": results,
+    }
+
+
+# --- call counts ----------------------------------------------------------------
+
+
+def count_calls(fn: t.Callable[[], object]) -> tuple[int, int]:
+    """(Python calls, C calls) made by ``fn()``, not counting ``fn`` itself.
+
+    ``fn`` must be a Python function (a lambda around the code to count).
+    Deterministic: ``sys.setprofile`` sees every 'call' and 'c_call' event.
+    """
+    if not isinstance(fn, types.FunctionType):
+        raise TypeError("count_calls() takes a Python function: wrap the call in a lambda")
+    counts = [0, 0]
+
+    def profile(frame: object, event: str, arg: object) -> None:
+        if event == "call":
+            counts[0] += 1
+        elif event == "c_call":
+            counts[1] += 1
+
+    gc.collect()  # no collection (and its weakref callbacks) while counting
+    enabled = gc.isenabled()
+    gc.disable()
+    result = None
+    sys.setprofile(profile)
+    try:
+        result = fn()  # kept: freeing it here would count its weakref callbacks
+    finally:
+        sys.setprofile(None)
+        if enabled:
+            gc.enable()
+    del result
+    # fn's own 'call' event and the c_call to sys.setprofile(None).
+    return counts[0] - 1, counts[1] - 1
+
+
+def _in_new_greenlet(fn: t.Callable[[], tuple[int, int]]) -> tuple[int, int]:
+    import greenlet
+
+    return t.cast("tuple[int, int]", greenlet.greenlet(fn).switch())
+
+
+def call_counts() -> Json:
+    """Calls per hot-path operation and variant: ``info`` and ``call`` are hits,
+    ``miss`` is ``Session()`` creating the Session in a fresh greenlet, minus
+    the calls of the session factory itself."""
+    from sqlalchemy import create_engine
+    from sqlalchemy.orm import scoped_session as sa_scoped_session
+    from sqlalchemy.orm import sessionmaker
+
+    import scoping
+
+    engine = create_engine("sqlite://")
+    factory = sessionmaker(bind=engine)
+    results: dict[str, Json] = {}
+    with proxy_variants() as variants:
+        for name, obj in variants:
+            obj.info  # noqa: B018  (Session.info is memoized on first access)
+            ops: Json = {"info": count_calls(lambda obj=obj: obj.info)}
+            if name != "direct":
+                ops["call"] = count_calls(lambda obj=obj: obj())
+            results[name] = ops
+
+    _in_new_greenlet(lambda: count_calls(lambda: factory()))  # warm-up
+    floor = _in_new_greenlet(lambda: count_calls(lambda: factory()))
+
+    def miss(make: t.Callable[[], t.Any], token: bool = False) -> tuple[int, int]:
+        def run() -> tuple[int, int]:
+            session = make()
+            handle = session.strategy.bind("t") if token else None
+            try:
+                py, c = count_calls(lambda: session())
+            finally:
+                if handle is not None:
+                    session.strategy.reset(handle)
+            return py - floor[0], c - floor[1]
+
+        _in_new_greenlet(run)  # warm-up: lazy module state, first thread-exit hook
+        return _in_new_greenlet(run)
+
+    def sa_miss() -> tuple[int, int]:
+        session = sa_scoped_session(factory)
+        py, c = count_calls(lambda: session())
+        return py - floor[0], c - floor[1]
+
+    results["sqlalchemy"]["miss"] = _in_new_greenlet(sa_miss)
+    for guard in (False, True):
+        for strat in STRATEGIES:
+            label = f"{strat}+guard" if guard else strat
+            results[label]["miss"] = miss(
+                lambda s=strat, g=guard: scoping.scoped_session(factory, scope=s, guard=g),
+                token=strat == "token",
+            )
+    engine.dispose()
+    out = {
+        name: {op: {"python": py, "c": c} for op, (py, c) in ops.items()}
+        for name, ops in results.items()
+    }
+    return {
+        "ops": {
+            "info": "Session.info with a Session present",
+            "call": "Session() with a Session present",
+            "miss": "Session() creating it in a new raw greenlet, minus the factory's own calls",
+        },
+        "results": out,
+    }
+
+
+# --- subprocess sections ---------------------------------------------------------
+
+
+def _worker(kind: str, args: Json, timeout: float) -> Json:
+    cmd = [sys.executable, "-m", "stress.bench_worker", kind, json.dumps(args)]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=timeout, cwd=root, env=env, check=False
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"bench worker {kind} {args} failed:\n{proc.stderr[-3000:]}")
+    return t.cast(Json, json.loads(proc.stdout.strip().splitlines()[-1]))
+
+
+def bench_scale(sizes: list[int], number: int, rounds: int) -> Json:
+    results: Json = {}
+    for variant in ("greenlet", "contextvar", "token", "auto", "sqlalchemy"):
+        _log(f"scale {variant} {sizes}")
+        run = _worker(
+            "scale",
+            {"variant": variant, "sizes": sizes, "number": number, "rounds": rounds},
+            timeout=600,
+        )
+        points = run["points"]
+        ns = [p["ns"] for p in points]
+        results[variant] = {
+            "points": points,
+            "spread": round(max(ns) / min(ns), 3),
+        }
+    return {
+        "op": "Session.info from the main greenlet",
+        "note": "thread is omitted: without gevent it keys by OS thread, so raw greenlets "
+        "share one scope; under gevent its key and lookup are the greenlet strategy's. "
+        "sqlalchemy = scoped_session(scopefunc=greenlet.getcurrent), for reference.",
+        "sizes": sizes,
+        "results": results,
+    }
+
+
+def bench_memory(greenlets: int, wave: int) -> Json:
+    variants = (*STRATEGIES, "sqlalchemy")
+    results: Json = {}
+    with tempfile.TemporaryDirectory(prefix="scoping-bench-") as tmp:
+        for variant in variants:
+            _log(f"memory {variant} x{greenlets}")
+            results[variant] = _worker(
+                "memory",
+                {
+                    "variant": variant,
+                    "greenlets": greenlets,
+                    "wave": wave,
+                    "sqlite": os.path.join(tmp, f"{variant}.db"),
+                    "pool_timeout": 30,
+                },
+                timeout=900,
+            )
+    return {
+        "greenlets": greenlets,
+        "note": "SQLite file, QueuePool(pool_size=5, max_overflow=0). token = "
+        "scoped_session(scopefunc=greenlet.getcurrent). sqlalchemy = "
+        "ScopedRegistry(scopefunc=greenlet.getcurrent): Session() only, no execute (its "
+        "pool would be exhausted after 5 greenlets: see probe_executes_before_pool_timeout).",
+        "results": results,
+    }
+
+
+class _E2EWorker:
+    """One long-lived ``bench_worker e2e`` process for one variant."""
+
+    def __init__(self, variant: str, args: Json) -> None:
+        self.variant = variant
+        cmd = [sys.executable, "-m", "stress.bench_worker", "e2e", json.dumps(args)]
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+        self.proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=root,
+            env=env,
+        )
+
+    def _read(self) -> Json:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            self.proc.kill()
+            _, err = self.proc.communicate(timeout=30)
+            raise RuntimeError(f"bench worker e2e {self.variant} failed:\n{err[-3000:]}")
+        return t.cast(Json, json.loads(line))
+
+    def ready(self) -> None:
+        assert self._read() == {"ready": True}
+
+    def run(self) -> Json:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("{}\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def close(self) -> None:
+        try:
+            self.proc.communicate(timeout=30)  # closes stdin: the worker exits
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.communicate()
+
+
+def bench_e2e(
+    dsn: str | None, requests: int, repeats: int, concurrency: int, pool_size: int
+) -> Json:
+    from . import postgres
+
+    variants = ("baseline", *STRATEGIES)
+    runs: dict[str, list[Json]] = {v: [] for v in variants}
+    ratios: dict[str, list[float]] = {v: [] for v in variants}
+    with postgres.postgres_database(dsn, prefix="scoping_bench") as db:
+        server = f"PostgreSQL {db.server.version} ({db.server.source})"
+        args = {
+            "url": db.url,
+            "requests": requests,
+            "concurrency": concurrency,
+            "pool_size": pool_size,
+        }
+        workers = {v: _E2EWorker(v, {**args, "variant": v}) for v in variants}
+        try:
+            for worker in workers.values():
+                worker.ready()
+            for rep in range(repeats):
+                _log(f"e2e round {rep + 1}/{repeats}")
+                # Rotate the order so that no variant always runs first or last.
+                order = variants[rep % len(variants) :] + variants[: rep % len(variants)]
+                this: dict[str, float] = {}
+                for variant in order:
+                    run = workers[variant].run()
+                    runs[variant].append(run)
+                    this[variant] = run["rps"]
+                for variant in variants:
+                    ratios[variant].append(this[variant] / this["baseline"])
+        finally:
+            for worker in workers.values():
+                worker.close()
+    results = {
+        v: {
+            "rps": round(statistics.median(r["rps"] for r in runs[v]), 1),
+            "p99_ms": round(statistics.median(r["p99_ms"] for r in runs[v]), 2),
+            "p50_ms": round(statistics.median(r["p50_ms"] for r in runs[v]), 2),
+            "cpu_us": round(statistics.median(r["cpu_us_per_request"] for r in runs[v]), 1),
+            "ratio": round(statistics.median(ratios[v]), 3),
+            "best_ratio": round(
+                max(r["rps"] for r in runs[v]) / max(r["rps"] for r in runs["baseline"]), 3
+            ),
+            "runs": [r["rps"] for r in runs[v]],
+        }
+        for v in variants
+    }
+    return {
+        "server": server,
+        "request": "SELECT 1; SELECT count(*) FROM pg_class WHERE ...; info write; commit; "
+        "remove() (token: inside Session.scope(i)); baseline: `with factory() as s:` per "
+        "request. Each client greenlet yields (gevent.sleep(0)) between requests",
+        "concurrency": concurrency,
+        "pool_size": pool_size,
+        "requests": requests,
+        "repeats": repeats,
+        "stat": "one long-lived process per variant, runs interleaved round-robin (order "
+        "rotated each round); figures are medians over the rounds; ratio = median over "
+        "rounds of rps / baseline rps of the same round; best ratio = best run / best "
+        "baseline run",
+        "psycopg2": "scoping.green.patch_psycopg2()",
+        "results": results,
+    }
+
+
+# --- goals and output --------------------------------------------------------------
+
+
+def goals(report: Json) -> list[Json]:
+    """Every goal of issue 6 that the sections run could measure, met or not."""
+    out: list[Json] = []
+    proxy = report.get("proxy")
+    if proxy:
+        for strat in STRATEGIES:
+            for op in PROXY_OPS:
+                ratio = proxy["results"][strat][op]["ratio"]
+                out.append(
+                    {
+                        "goal": f"proxy {strat} {proxy['ops'][op]} <= {GOAL[strat]}x sqlalchemy",
+                        "measured": f"{ratio:.3f}x",
+                        "met": ratio <= GOAL[strat],
+                    }
+                )
+    scale = report.get("scale")
+    if scale:
+        for variant, res in scale["results"].items():
+            if variant == "sqlalchemy":
+                continue
+            out.append(
+                {
+                    "goal": f"scale {variant}: flat within {SCALE_GOAL}x up to "
+                    f"{max(scale['sizes']):,} scopes",
+                    "measured": f"{res['spread']:.2f}x",
+                    "met": res["spread"] <= SCALE_GOAL,
+                }
+            )
+    memory = report.get("memory")
+    if memory:
+        for variant, res in memory["results"].items():
+            if variant == "sqlalchemy":
+                continue
+            out.append(
+                {
+                    "goal": f"memory {variant}: 0 sessions, 0 connections, RSS < {RSS_GOAL_MB} MB",
+                    "measured": f"{res['sessions']} sessions, {res['checked_out']} connections, "
+                    f"{res['rss_growth_mb']:+.1f} MB",
+                    "met": res["sessions"] == 0
+                    and res["checked_out"] == 0
+                    and res["rss_growth_mb"] < RSS_GOAL_MB,
+                }
+            )
+    e2e = report.get("e2e")
+    if e2e:
+        for variant in STRATEGIES:
+            ratio = e2e["results"][variant]["ratio"]
+            out.append(
+                {
+                    "goal": f"e2e {variant} >= {E2E_GOAL}x baseline requests/s",
+                    "measured": f"{ratio:.3f}x",
+                    "met": ratio >= E2E_GOAL,
+                }
+            )
+    return out
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows, strict=True)]
+    lines = [
+        "| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)) + " |",
+        "|" + "|".join("-" * (w + 2) for w in widths) + "|",
+    ]
+    for row in rows:
+        lines.append(
+            "| " + " | ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)) + " |"
+        )
+    return "\n".join(lines)
+
+
+def render(report: Json) -> str:
+    """The report as Markdown tables (what docs/benchmarks.md carries)."""
+    parts: list[str] = []
+    meta = report["meta"]
+    parts.append(
+        f"`{meta['command']}` on {meta['date']}: Python {meta['python']}, "
+        f"SQLAlchemy {meta['sqlalchemy']}, greenlet {meta['greenlet']}, gevent {meta['gevent']}, "
+        f"{meta['cpus']} CPUs ({meta['machine']})."
+    )
+    proxy = report.get("proxy")
+    if proxy:
+        headers = ["variant"] + [f"{proxy['ops'][op]} ns (ratio)" for op in PROXY_OPS]
+        rows = []
+        for name, ops in proxy["results"].items():
+            row = [name]
+            for op in PROXY_OPS:
+                cell = ops.get(op)
+                row.append("-" if cell is None else f"{cell['ns']:.1f} ({cell['ratio']:.2f}x)")
+            rows.append(row)
+        parts.append(
+            f"### Proxy overhead per call\n\nratio = ns / SQLAlchemy's thread-local "
+            f"scoped_session; {proxy['stat']} ({proxy['loop_ns']} ns).\n\n" + _table(headers, rows)
+        )
+    calls = report.get("calls")
+    if calls:
+        ops = ["info", "call", "miss"]
+        rows = []
+        for name, res in calls["results"].items():
+            row = [name]
+            for op in ops:
+                cell = res.get(op)
+                row.append("-" if cell is None else f"{cell['python']} py + {cell['c']} C")
+            rows.append(row)
+        notes = "; ".join(f"{k}: {v}" for k, v in calls["ops"].items())
+        parts.append(
+            f"### Function calls on the hot path\n\n{notes}.\n\n" + _table(["variant", *ops], rows)
+        )
+    scale = report.get("scale")
+    if scale:
+        headers = ["variant"] + [f"{n:,} scopes ns" for n in scale["sizes"]] + ["max/min"]
+        rows = []
+        for name, res in scale["results"].items():
+            rows.append(
+                [name]
+                + [f"{p['ns']:.1f} (live {p['live']:,})" for p in res["points"]]
+                + [f"{res['spread']:.2f}x"]
+            )
+        parts.append(
+            f"### Lookup cost as scopes grow\n\n{scale['op']}. {scale['note']}\n\n"
+            + _table(headers, rows)
+        )
+    memory = report.get("memory")
+    if memory:
+        headers = ["variant", "sessions left", "connections out", "RSS growth MB", "seconds"]
+        rows = []
+        for name, res in memory["results"].items():
+            extra = ""
+            if "probe_executes_before_pool_timeout" in res:
+                extra = (
+                    f" (with execute: {res['probe_executes_before_pool_timeout']} greenlets "
+                    f"served, then pool timeout)"
+                )
+            rows.append(
+                [
+                    name,
+                    f"{res['sessions']:,}",
+                    f"{res['checked_out']}{extra}",
+                    f"{res['rss_growth_mb']:+.2f}",
+                    f"{res['seconds']}",
+                ]
+            )
+        parts.append(
+            f"### Memory without remove(): {memory['greenlets']:,} greenlets\n\n"
+            f"{memory['note']}\n\n" + _table(headers, rows)
+        )
+    e2e = report.get("e2e")
+    if e2e:
+        headers = [
+            "variant",
+            "requests/s",
+            "ratio",
+            "best ratio",
+            "p50 ms",
+            "p99 ms",
+            "CPU us/request",
+            "runs (req/s)",
+        ]
+        rows = [
+            [
+                name,
+                f"{res['rps']:.0f}",
+                f"{res['ratio']:.3f}x",
+                f"{res['best_ratio']:.3f}x",
+                f"{res['p50_ms']:.2f}",
+                f"{res['p99_ms']:.2f}",
+                f"{res['cpu_us']:.0f}",
+                ", ".join(f"{r:.0f}" for r in res["runs"]),
+            ]
+            for name, res in e2e["results"].items()
+        ]
+        parts.append(
+            f"### End to end under gevent, {e2e['server']}\n\n"
+            f"{e2e['concurrency']} greenlets, pool_size={e2e['pool_size']}, "
+            f"{e2e['requests']:,} requests per run, {e2e['repeats']} runs per variant; "
+            f"{e2e['stat']}. Request: {e2e['request']}. psycopg2 made cooperative by "
+            f"{e2e['psycopg2']}.\n\n" + _table(headers, rows)
+        )
+    if report["goals"]:
+        rows = [
+            [g["goal"], g["measured"], "met" if g["met"] else "**MISSED**"] for g in report["goals"]
+        ]
+        parts.append("### Goals\n\n" + _table(["goal", "measured", ""], rows))
+    return "\n\n".join(parts) + "\n"
+
+
+def _meta(argv: list[str]) -> Json:
+    from importlib.metadata import version  # gevent is not imported here, never patched
+
+    import greenlet
+    import sqlalchemy
+
+    return {
+        "command": " ".join(["python -m stress.bench", *argv]),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "python": platform.python_version(),
+        "sqlalchemy": sqlalchemy.__version__,
+        "greenlet": greenlet.__version__,
+        "gevent": version("gevent"),
+        "cpus": os.cpu_count(),
+        "machine": f"{platform.system()} {platform.machine()}",
+    }
+
+
+def run(sections: t.Sequence[str], quick: bool, dsn: str | None, argv: list[str]) -> Json:
+    report: Json = {"meta": _meta(argv), "quick": quick, "sections": list(sections)}
+    started = time.perf_counter()
+    if "proxy" in sections:
+        _log("proxy")
+        report["proxy"] = bench_proxy(number=2_000 if quick else 20_000, rounds=3 if quick else 25)
+    if "calls" in sections:
+        _log("calls")
+        report["calls"] = call_counts()
+    if "scale" in sections:
+        report["scale"] = bench_scale(
+            [1, 100, 1_000] if quick else [1, 1_000, 100_000],
+            number=2_000 if quick else 20_000,
+            rounds=3 if quick else 15,
+        )
+    if "memory" in sections:
+        report["memory"] = bench_memory(2_000 if quick else 100_000, wave=1_000)
+    if "e2e" in sections:
+        report["e2e"] = bench_e2e(
+            dsn,
+            requests=400 if quick else 1_500,
+            repeats=1 if quick else 15,
+            concurrency=200,
+            pool_size=20,
+        )
+    report["goals"] = goals(report)
+    report["seconds"] = round(time.perf_counter() - started, 1)
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(
+        prog="python -m stress.bench", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument(
+        "--only",
+        default=",".join(SECTIONS),
+        help=f"comma-separated sections to run, of {','.join(SECTIONS)} (default: all)",
+    )
+    parser.add_argument("--quick", action="store_true", help="small sizes, for smoke tests")
+    parser.add_argument("--json", metavar="PATH", help="also write the report as JSON")
+    parser.add_argument(
+        "--dsn", default=None, help="PostgreSQL admin DSN for e2e (default: stress.postgres order)"
+    )
+    args = parser.parse_args(argv)
+    sections = [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = sorted(set(sections) - set(SECTIONS))
+    if unknown:
+        parser.error(f"unknown section(s) {', '.join(unknown)}: use {','.join(SECTIONS)}")
+    report = run([s for s in SECTIONS if s in sections], args.quick, args.dsn, argv)
+    sys.stdout.write(render(report))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(report, fh, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,188 @@
+"""``python -m stress.bench`` runs and writes the JSON it documents.
+
+These tests check that the benchmark runs and what its report contains, never
+how fast anything is: timings only have to be numbers. Each run is a
+subprocess (the memory and e2e sections patch gevent in their own workers).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import typing as t
+from pathlib import Path
+
+import pytest
+
+from stress import bench
+
+if t.TYPE_CHECKING:
+    from stress.postgres import Server
+
+ROOT = Path(__file__).resolve().parent.parent
+STRATEGIES = ["thread", "greenlet", "contextvar", "token", "auto"]
+PROXY_VARIANTS = ["direct", "sqlalchemy", *STRATEGIES, *(f"{s}+guard" for s in STRATEGIES)]
+
+
+def _run_bench(tmp_path: Path, *args: str, timeout: float = 180) -> tuple[dict[str, t.Any], str]:
+    out = tmp_path / "bench.json"
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    proc = subprocess.run(
+        [sys.executable, "-m", "stress.bench", "--quick", "--json", str(out), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        env=env,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text()), proc.stdout
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, t.Any], str]:
+    """One quick run of every section that needs no PostgreSQL."""
+    return _run_bench(tmp_path_factory.mktemp("bench"), "--only", "proxy,calls,scale,memory")
+
+
+@pytest.mark.slow
+def test_report_has_meta_and_only_the_sections_asked_for(
+    quick: tuple[dict[str, t.Any], str],
+) -> None:
+    report, _ = quick
+    assert report["quick"] is True
+    assert report["sections"] == ["proxy", "calls", "scale", "memory"]
+    assert "e2e" not in report
+    meta = report["meta"]
+    assert set(meta) == {
+        "command",
+        "date",
+        "python",
+        "sqlalchemy",
+        "greenlet",
+        "gevent",
+        "cpus",
+        "machine",
+    }
+    assert meta["command"].startswith("python -m stress.bench --quick")
+    assert isinstance(report["seconds"], float)
+
+
+@pytest.mark.slow
+def test_proxy_section_covers_every_variant_and_op(quick: tuple[dict[str, t.Any], str]) -> None:
+    proxy = quick[0]["proxy"]
+    assert set(proxy["ops"]) == {"info", "method", "call"}
+    assert proxy["ops"]["method"] == "Session.get_bind()"
+    assert list(proxy["results"]) == PROXY_VARIANTS
+    for name, ops in proxy["results"].items():
+        expected = {"info", "method"} if name == "direct" else {"info", "method", "call"}
+        assert set(ops) == expected, name
+        for cell in ops.values():
+            assert isinstance(cell["ns"], float)
+            assert isinstance(cell["ratio"], float)
+    assert all(cell["ratio"] == 1.0 for cell in proxy["results"]["sqlalchemy"].values())
+
+
+@pytest.mark.slow
+def test_calls_section_counts_every_hot_path(quick: tuple[dict[str, t.Any], str]) -> None:
+    calls = quick[0]["calls"]["results"]
+    assert list(calls) == PROXY_VARIANTS
+    assert calls["direct"] == {"info": {"python": 0, "c": 0}}
+    for name in PROXY_VARIANTS[1:]:
+        assert set(calls[name]) == {"info", "call", "miss"}
+        for cell in calls[name].values():
+            assert isinstance(cell["python"], int)
+            assert isinstance(cell["c"], int)
+
+
+@pytest.mark.slow
+def test_scale_section_holds_the_number_of_scopes_it_claims(
+    quick: tuple[dict[str, t.Any], str],
+) -> None:
+    scale = quick[0]["scale"]
+    assert scale["sizes"] == [1, 100, 1_000]
+    assert list(scale["results"]) == ["greenlet", "contextvar", "token", "auto", "sqlalchemy"]
+    for res in scale["results"].values():
+        assert [p["scopes"] for p in res["points"]] == [1, 100, 1_000]
+        # Every parked greenlet (and the timing one) holds a Session while timed.
+        assert [p["live"] for p in res["points"]] == [1, 100, 1_000]
+        assert isinstance(res["spread"], float)
+
+
+@pytest.mark.slow
+def test_memory_section_reports_sessions_connections_and_rss(
+    quick: tuple[dict[str, t.Any], str],
+) -> None:
+    memory = quick[0]["memory"]
+    assert memory["greenlets"] == 2_000
+    results = memory["results"]
+    assert list(results) == [*STRATEGIES, "sqlalchemy"]
+    for name in STRATEGIES:
+        res = results[name]
+        assert res["greenlets"] == 2_000
+        assert res["executes"] is True
+        # What the benchmark measures: scoping cleans up after greenlets that never
+        # call remove(), so nothing is left once the hub has run.
+        assert (res["sessions"], res["checked_out"]) == (0, 0), name
+        assert isinstance(res["rss_growth_mb"], float)
+    reference = results["sqlalchemy"]
+    assert reference["executes"] is False
+    # Warm-up (2,000) plus the measured 2,000: SQLAlchemy's registry keeps them all.
+    assert reference["sessions"] == 4_000
+    assert reference["probe_executes_before_pool_timeout"] == 5
+    assert reference["probe_checked_out"] == 5
+
+
+@pytest.mark.slow
+def test_goals_and_table(quick: tuple[dict[str, t.Any], str]) -> None:
+    report, stdout = quick
+    goals = report["goals"]
+    assert goals, "every section run yields goals"
+    for goal in goals:
+        assert set(goal) == {"goal", "measured", "met"}
+        assert isinstance(goal["met"], bool)
+    kinds = {goal["goal"].split()[0] for goal in goals}
+    assert kinds == {"proxy", "scale", "memory"}
+    for title in (
+        "### Proxy overhead per call",
+        "### Function calls on the hot path",
+        "### Lookup cost as scopes grow",
+        "### Memory without remove(): 2,000 greenlets",
+        "### Goals",
+    ):
+        assert title in stdout
+    assert stdout == bench.render(report)
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+def test_e2e_section_against_postgres(pg_server: Server, tmp_path: Path) -> None:
+    report, stdout = _run_bench(tmp_path, "--only", "e2e", "--dsn", pg_server.dsn)
+    e2e = report["e2e"]
+    assert (e2e["concurrency"], e2e["requests"], e2e["repeats"]) == (200, 400, 1)
+    assert list(e2e["results"]) == ["baseline", *STRATEGIES]
+    for res in e2e["results"].values():
+        assert len(res["runs"]) == 1
+        for key in ("rps", "p50_ms", "p99_ms", "cpu_us", "ratio", "best_ratio"):
+            assert isinstance(res[key], float), key
+    assert e2e["results"]["baseline"]["ratio"] == 1.0
+    assert [g["goal"].split()[:2] for g in report["goals"]] == [["e2e", s] for s in STRATEGIES]
+    assert "### End to end under gevent" in stdout
+
+
+def test_unknown_section_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--only", "proxy,nope"])
+    assert exc.value.code == 2
+    assert "unknown section(s) nope" in capsys.readouterr().err
+
+
+def test_count_calls_wants_a_python_function() -> None:
+    with pytest.raises(TypeError, match="wrap the call in a lambda"):
+        bench.count_calls(len)  # type: ignore[arg-type]
+    # A function that calls nothing but one builtin.
+    assert bench.count_calls(lambda: len(())) == (0, 1)

@@ -1,0 +1,128 @@
+"""Function-call budgets for the hot paths (SQLAlchemy's ``aaa_profiling`` idea).
+
+The counts come from ``python -m stress.bench --only calls`` run in a fresh
+interpreter (``sys.setprofile`` 'call' and 'c_call' events, garbage collector
+off while counting), so they do not depend on wall time, on the machine nor
+on what other tests imported. A change that adds a call to a hot path fails
+here: if the call is worth it, raise the budget in the same change and say
+why. Lowering a count is welcome; lower the budget with it.
+
+``sqlalchemy`` is SQLAlchemy's own thread-local ``scoped_session``: printed as
+the reference, and our hit paths may never make more Python calls than it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import typing as t
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# (Python calls, C calls).
+# info: Session.info with a Session present (SQLAlchemy's `info` property, then
+#       `_proxied`, then the strategy).
+# call: Session() with a Session present.
+# miss: Session() creating the Session in a new raw greenlet, minus the
+#       session factory's own calls: the registry's and the strategy's share.
+BUDGET: dict[str, dict[str, tuple[int, int]]] = {
+    "thread": {"info": (3, 0), "call": (2, 0), "miss": (14, 7)},
+    "greenlet": {"info": (2, 1), "call": (1, 1), "miss": (7, 6)},
+    "contextvar": {"info": (2, 2), "call": (1, 2), "miss": (12, 16)},
+    "token": {"info": (3, 1), "call": (2, 1), "miss": (9, 6)},
+    "auto": {"info": (3, 2), "call": (2, 2), "miss": (9, 8)},
+}
+# guard=True changes nothing on hit paths. Its miss path installs SQLAlchemy event
+# listeners, whose cost belongs to SQLAlchemy's event system: reported, not budgeted.
+GUARD_BUDGET = {
+    f"{name}+guard": {op: ops[op] for op in ("info", "call")} for name, ops in BUDGET.items()
+}
+
+
+@pytest.fixture(scope="module")
+def counts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, dict[str, int]]]:
+    out = tmp_path_factory.mktemp("calls") / "calls.json"
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    proc = subprocess.run(
+        [sys.executable, "-m", "stress.bench", "--only", "calls", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        env=env,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # The table, with SQLAlchemy's reference row, shows up with `pytest -s` or on failure.
+    print(proc.stdout)
+    results: dict[str, dict[str, dict[str, int]]] = json.loads(out.read_text())["calls"]["results"]
+    return results
+
+
+def _pair(cell: dict[str, int]) -> tuple[int, int]:
+    return cell["python"], cell["c"]
+
+
+@pytest.mark.parametrize(
+    ("variant", "op"),
+    [(v, op) for budget in (BUDGET, GUARD_BUDGET) for v, ops in budget.items() for op in ops],
+)
+def test_hot_path_stays_within_its_call_budget(
+    counts: dict[str, dict[str, dict[str, int]]], variant: str, op: str
+) -> None:
+    budget = {**BUDGET, **GUARD_BUDGET}[variant][op]
+    measured = _pair(counts[variant][op])
+    reference = _pair(counts["sqlalchemy"][op])
+    assert measured[0] <= budget[0] and measured[1] <= budget[1], (
+        f"{variant} {op}: {measured[0]} Python + {measured[1]} C calls, budget "
+        f"{budget[0]} + {budget[1]} (SQLAlchemy's scoped_session: {reference[0]} + "
+        f"{reference[1]}). A call was added to a hot path: remove it, or raise the "
+        f"budget in tests/test_call_budget.py and say why"
+    )
+
+
+@pytest.mark.parametrize("variant", [*BUDGET, *GUARD_BUDGET])
+@pytest.mark.parametrize("op", ["info", "call"])
+def test_hits_make_no_more_python_calls_than_sqlalchemy(
+    counts: dict[str, dict[str, dict[str, int]]], variant: str, op: str
+) -> None:
+    ours = counts[variant][op]["python"]
+    theirs = counts["sqlalchemy"][op]["python"]
+    assert ours <= theirs, f"{variant} {op}: {ours} Python calls, SQLAlchemy's proxy {theirs}"
+
+
+def test_sqlalchemy_reference_is_what_its_source_says(
+    counts: dict[str, dict[str, dict[str, int]]],
+) -> None:
+    # info property -> _proxied property -> ThreadLocalRegistry.__call__.
+    assert _pair(counts["sqlalchemy"]["info"]) == (3, 0)
+    # scoped_session.__call__ -> ThreadLocalRegistry.__call__ (hit and miss alike).
+    assert _pair(counts["sqlalchemy"]["call"]) == (2, 0)
+    assert _pair(counts["sqlalchemy"]["miss"]) == (2, 0)
+    # A direct Session reads the memoized info dict with no call at all.
+    assert _pair(counts["direct"]["info"]) == (0, 0)
+
+
+def test_counts_are_deterministic(
+    counts: dict[str, dict[str, dict[str, int]]], tmp_path: Path
+) -> None:
+    """A second fresh interpreter counts exactly the same calls."""
+    out = tmp_path / "again.json"
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    subprocess.run(
+        [sys.executable, "-m", "stress.bench", "--only", "calls", "--json", str(out)],
+        capture_output=True,
+        timeout=120,
+        cwd=ROOT,
+        env=env,
+        check=True,
+    )
+    again: dict[str, t.Any] = json.loads(out.read_text())["calls"]["results"]
+    assert again == counts
