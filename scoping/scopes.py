@@ -251,41 +251,49 @@ class ThreadScope(BaseScope):
     Cost: one module attribute check and one thread-local read per lookup.
     """
 
-    __slots__ = ("_getcurrent", "_local", "_local_cls", "_per_greenlet")
+    __slots__ = ("current", "local_class")
     name = "thread"
 
     def __init__(self) -> None:
-        self._getcurrent = _getcurrent()
-        self._local_cls: object = None  # resolved on first use, never now
-        self._local: t.Any = None
-        self._per_greenlet = False
+        getcurrent = _getcurrent()
+        threading_module = threading
+        self.local_class: object = None  # the threading.local last seen, for inspection
+        # Resolved on first use and whenever threading.local is replaced,
+        # never now. The state lives in the closure: the hot path then reads
+        # no attributes of self.
+        local_cls: object = None
+        local: t.Any = None
+        per_greenlet = False
 
-    def current(self) -> t.Hashable:
-        if threading.local is not self._local_cls:
-            self._resync()
-        if self._per_greenlet:
-            return self._getcurrent()  # type: ignore[no-any-return]
-        try:
-            return self._local.key  # type: ignore[no-any-return]
-        except AttributeError:
-            return self._thread_key()
+        def resync() -> None:
+            nonlocal local_cls, local, per_greenlet
+            # Order matters: read the class first, so a patch that lands
+            # between these lines is seen on the next call.
+            new_cls: object = threading_module.local
+            per_greenlet = _threading_is_patched()
+            local = None if per_greenlet else threading_module.local()
+            local_cls = self.local_class = new_cls
 
-    def _resync(self) -> None:
-        # Order matters: read the class first, so a patch that lands between
-        # the two lines is seen on the next call.
-        local_cls = threading.local
-        self._per_greenlet = _threading_is_patched()
-        self._local = None if self._per_greenlet else local_cls()
-        self._local_cls = local_cls
+        def thread_key() -> t.Hashable:
+            # The thread's main greenlet stands for the thread: it is dead
+            # once the thread has ended, and it is never reused.
+            glet = getcurrent()
+            while glet.parent is not None:
+                glet = glet.parent
+            local.key = glet
+            return t.cast(t.Hashable, glet)
 
-    def _thread_key(self) -> t.Hashable:
-        # The thread's main greenlet stands for the thread: it is dead once
-        # the thread has ended, and it is never reused.
-        glet = self._getcurrent()
-        while glet.parent is not None:
-            glet = glet.parent
-        self._local.key = glet
-        return t.cast(t.Hashable, glet)
+        def current() -> t.Hashable:
+            if threading_module.local is not local_cls:
+                resync()
+            if per_greenlet:
+                return getcurrent()  # type: ignore[no-any-return]
+            try:
+                return local.key  # type: ignore[no-any-return]
+            except AttributeError:
+                return thread_key()
+
+        self.current: t.Callable[[], t.Hashable] = current
 
     def watch(self, key: t.Hashable, on_end: OnEnd) -> bool:
         return _watch_key_unit(key, on_end)

@@ -297,7 +297,7 @@ def test_thread_strategy_follows_threading_local_replacement(
 
     monkeypatch.setattr(threading, "local", FakeLocal)
     assert S() is first  # same thread, same key: re-deciding keeps the Session
-    assert S.strategy._local_cls is FakeLocal  # type: ignore[attr-defined]
+    assert S.strategy.local_class is FakeLocal  # type: ignore[attr-defined]
 
 
 @pytest.mark.postgres
