@@ -52,7 +52,7 @@ kernel's TCP connect timeout; ``drain_timeout`` does not bound that part.
 psycopg 3 (3.1.14 or later) needs no callback: it picks a gevent-friendly
 wait function when ``psycopg`` is imported after ``patch_all()``. On a
 ``gevent.Timeout`` or ``GreenletExit`` it does not cancel either (it only
-cancels on ``KeyboardInterrupt``/``SystemExit``); see ``docs/gevent.md``.
+cancels on ``KeyboardInterrupt``/``SystemExit``); see the README, "psycopg 3".
 
 Nothing here imports gevent or psycopg2 at import time.
 """

@@ -491,7 +491,7 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
 
 
 def render(report: Json) -> str:
-    """The report as Markdown tables (what docs/benchmarks.md carries)."""
+    """The report as Markdown tables (what the README and docs/benchmarks.md carry)."""
     parts: list[str] = []
     meta = report["meta"]
     parts.append(

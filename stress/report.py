@@ -234,7 +234,7 @@ def _md_count(value: t.Any) -> str:
 
 
 def markdown(doc: t.Mapping[str, t.Any]) -> str:
-    """The results table as Markdown (for docs/stress.md)."""
+    """The results table as Markdown (for the README and docs/stress.md)."""
     head = (
         "| scenario | setup | result | ok/fail/err | stale | leaks | db x/f | lost/dup "
         "| reg | out | linger | req/s | p50/p99 ms | errors by class / note |"

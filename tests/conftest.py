@@ -1,4 +1,4 @@
-"""Shared fixtures. PostgreSQL is found or started by ``stress.postgres`` (docs/postgres.md).
+"""Shared fixtures. PostgreSQL is found or started by ``stress.postgres`` (README, "PostgreSQL").
 
 Order: ``--dsn`` / ``SCOPING_DSN``, compose service 127.0.0.1:5433, local server
 127.0.0.1:5432, then a throwaway cluster started on first use (``--pg-throwaway``

@@ -219,7 +219,7 @@ def test_psycopg3_does_not_cancel_on_timeout_or_kill(
 def test_psycopg3_with_the_documented_cancel_recipe(
     pg_url: str, pg_engine: sqlalchemy.Engine, interruption: str
 ) -> None:
-    """docs/gevent.md: a handle_error listener calling cancel_safe() stops the statement."""
+    """README (psycopg 3): a handle_error listener calling cancel_safe() stops the statement."""
     pytest.importorskip("psycopg")
     out, still_active = _run_interrupt(pg_url, pg_engine, "psycopg3-cancel", interruption)
     _assert_caller_saw_interruption(out, interruption)

@@ -8,7 +8,8 @@ the pytest process)::
 CALLBACK is ``scoping`` (scoping.green.patch_psycopg2), ``psycogreen``,
 ``none`` (no wait callback), ``psycopg3`` (the psycopg 3 driver, no
 callback) or ``psycopg3-cancel`` (psycopg 3 plus the ``handle_error``
-recipe of docs/gevent.md). INTERRUPTION is ``timeout`` (``gevent.Timeout(0.3)``) or ``kill``
+recipe in the README, "psycopg 3"). INTERRUPTION is ``timeout``
+(``gevent.Timeout(0.3)``) or ``kill``
 (``Greenlet.kill()`` once the statement is seen active). TAG is the
 ``application_name`` of every connection of the run, so parallel runs do not
 see each other in ``pg_stat_activity``. The database URL comes from the
@@ -71,7 +72,7 @@ def main() -> None:
         out["sqlalchemy_invalidate_pool"] = ctx.invalidate_pool_on_disconnect
 
     if callback == "psycopg3-cancel":
-        # The recipe of docs/gevent.md, verbatim.
+        # The README recipe ("psycopg 3"), verbatim.
         @event.listens_for(engine, "handle_error")
         def cancel_interrupted_statement(ctx: t.Any) -> None:
             # gevent.Timeout and GreenletExit are BaseExceptions: psycopg 3
