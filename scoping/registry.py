@@ -130,8 +130,11 @@ class Registry(ScopedRegistry[_T]):
             key = self.scopefunc()
         except NoScopeToken:
             return None
-        check_hashable(key, self.strategy)
-        return self.discard(key)
+        try:
+            return self.discard(key)
+        except TypeError:
+            check_hashable(key, self.strategy)
+            raise
 
     def discard(self, key: t.Hashable) -> _T | None:
         """Take the object of scope ``key`` out of the registry and return it."""

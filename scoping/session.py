@@ -16,7 +16,6 @@ SQLAlchemy's own code, on 2.0 and 2.1 alike. What changes:
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import typing as t
 
@@ -162,39 +161,25 @@ class scoped_session(_sa_scoped_session[_S]):
         if session is not None:
             session.close()
 
-    @contextlib.contextmanager
-    def scope(self, token: t.Hashable | None = None) -> t.Iterator[_S]:
+    def scope(self, token: t.Hashable | None = None) -> ScopeBlock[_S]:
         """Run a unit of work in a scope; its Session is removed on exit.
 
-        On exit, normal or by any exception (``gevent.Timeout``, a kill), the
-        Session of the scope is closed and forgotten. Nested blocks for the
-        same scope share the Session, and only the outermost one removes it.
+        ``with Session.scope() as session:`` hands out the scope's Session. On
+        exit, normal or by any exception (``gevent.Timeout``, a kill), it is
+        closed and forgotten. Nested blocks for the same scope share the
+        Session, and only the outermost one removes it.
 
         With the token strategy, ``token`` is bound for the block (nesting
         restores the outer token) and greenlets that enter the same token
         share its Session until the last of them exits. Other strategies take
         no token.
         """
-        strategy = self.strategy
-        handle = None
-        if token is not None:
-            bind = getattr(strategy, "bind", None)
-            if bind is None:
-                raise TypeError(
-                    f"the {strategy.name!r} strategy takes no token: call Session.scope() "
-                    f"without arguments, or use scope='token' to key Sessions by token"
-                )
-            handle = bind(token)
-        try:
-            key = strategy.current()
-            self._enter(key)
-            try:
-                yield self()
-            finally:
-                self._exit(key)
-        finally:
-            if handle is not None:
-                strategy.reset(handle)  # type: ignore[attr-defined]
+        if token is not None and getattr(self.strategy, "bind", None) is None:
+            raise TypeError(
+                f"the {self.strategy.name!r} strategy takes no token: call Session.scope() "
+                f"without arguments, or use scope='token' to key Sessions by token"
+            )
+        return ScopeBlock(self, token)
 
     def _lock(self) -> t.Any:
         lock = self._depth_lock
@@ -204,12 +189,12 @@ class scoped_session(_sa_scoped_session[_S]):
         return lock
 
     def _enter(self, key: t.Hashable) -> None:
-        with self._lock():
+        with self._depth_lock or self._lock():
             self._depth[key] = self._depth.get(key, 0) + 1
 
     def _exit(self, key: t.Hashable) -> None:
         session = None
-        with self._lock():
+        with self._depth_lock or self._lock():
             depth = self._depth[key] - 1
             if depth:
                 self._depth[key] = depth
@@ -226,3 +211,47 @@ class scoped_session(_sa_scoped_session[_S]):
             f"<{type(self).__module__}.{type(self).__name__} strategy={self.strategy.name!r} "
             f"live={len(self.registry)}>"
         )
+
+
+class ScopeBlock(t.Generic[_S]):
+    """The context manager returned by :meth:`scoped_session.scope`.
+
+    A class rather than a generator: entering and leaving cost two method
+    calls, which matters when every request enters one.
+    """
+
+    __slots__ = ("_handle", "_key", "_owner", "_token")
+
+    def __init__(self, owner: scoped_session[_S], token: t.Hashable | None) -> None:
+        self._owner = owner
+        self._token = token
+        self._handle: t.Any = None
+        self._key: t.Hashable = None
+
+    def __enter__(self) -> _S:
+        owner = self._owner
+        strategy = owner.strategy
+        if self._token is not None:
+            self._handle = strategy.bind(self._token)  # type: ignore[attr-defined]
+        try:
+            key = self._key = strategy.current()
+            owner._enter(key)
+            try:
+                return owner()
+            except BaseException:
+                owner._exit(key)
+                raise
+        except BaseException:
+            self._reset()
+            raise
+
+    def __exit__(self, *exc_info: object) -> None:
+        try:
+            self._owner._exit(self._key)
+        finally:
+            self._reset()
+
+    def _reset(self) -> None:
+        handle, self._handle = self._handle, None
+        if handle is not None:
+            self._owner.strategy.reset(handle)  # type: ignore[attr-defined]
