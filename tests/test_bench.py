@@ -186,3 +186,16 @@ def test_count_calls_wants_a_python_function() -> None:
         bench.count_calls(len)  # type: ignore[arg-type]
     # A function that calls nothing but one builtin.
     assert bench.count_calls(lambda: len(())) == (0, 1)
+
+
+def test_cycle_section_compares_every_registry_with_an_explicit_session(tmp_path: Path) -> None:
+    report, stdout = _run_bench(tmp_path, "--only", "cycle")
+    assert report["sections"] == ["cycle"]
+    results = report["cycle"]["results"]
+    assert list(results) == ["explicit", "sqlalchemy", *STRATEGIES]
+    assert results["explicit"]["extra_us"] == 0.0
+    for cell in results.values():
+        assert cell["us"] > 0
+        assert cell["extra_us"] == pytest.approx(cell["us"] - results["explicit"]["us"], abs=0.02)
+    assert "### Per-request cost of the registry" in stdout
+    assert report["goals"] == []  # informational: it explains the e2e figures
