@@ -394,8 +394,10 @@ def _check_gevent(rt: _Runtime) -> list[Finding]:
             "gevent is patched but threading is not (patch_all(thread=False))",
             "threading.local and get_ident are per OS thread, so every greenlet shares "
             "what they key; SQLAlchemy's default scoped_session hands all greenlets one "
-            "Session.",
-            'use scoping.scoped_session(factory, scope="greenlet")'))
+            "Session. SQLAlchemy's locks stay native too: two greenlets making an "
+            "engine's first connections at once deadlock on its first-connect lock.",
+            'use scoping.scoped_session(factory, scope="greenlet"), and connect each '
+            "engine once (engine.connect().close()) before greenlets use it"))
     return out
 
 

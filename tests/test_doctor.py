@@ -407,7 +407,9 @@ def test_patch_all_without_threads(tmp_path: Path) -> None:
         ByThread = scoping.scoped_session(orm.sessionmaker(), scope="thread")
     """,
     )["diagnosis"]
-    assert one(d, "gevent.threading_unpatched")["severity"] == "warning"
+    unpatched = one(d, "gevent.threading_unpatched")
+    assert unpatched["severity"] == "warning"
+    assert "engine.connect().close()" in unpatched["fix"]  # the first-connect deadlock
     assert one(d, "scoped_session.shared", "__main__.Session")["severity"] == "hazard"
     assert (
         one(d, "scoped_session.scoping_thread_unpatched", "__main__.ByThread")["severity"]
