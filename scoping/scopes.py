@@ -44,7 +44,6 @@ import weakref
 from .errors import NoScopeToken, ScopingWarning
 
 if t.TYPE_CHECKING:
-
     from greenlet import greenlet as Greenlet
 
 __all__ = [
@@ -120,6 +119,17 @@ def _getcurrent() -> t.Callable[[], Greenlet]:
     return t.cast("t.Callable[[], Greenlet]", getcurrent)
 
 
+_greenlet_type: t.Any = None  # greenlet.greenlet, bound at first use
+
+
+def _load_greenlet_type() -> t.Any:
+    global _greenlet_type
+    from greenlet import greenlet
+
+    _greenlet_type = greenlet
+    return greenlet
+
+
 def watch_unit(unit: object, callback: t.Callable[[], None]) -> bool:
     """Call ``callback()`` when ``unit`` (a greenlet or asyncio task) ends.
 
@@ -127,18 +137,22 @@ def watch_unit(unit: object, callback: t.Callable[[], None]) -> bool:
     tasks through ``add_done_callback`` (run by the loop), and an OS thread's
     main greenlet when the thread exits (a native thread-local is cleared).
     Must be called from within ``unit``. Raw greenlets cannot signal: return
-    ``False`` so they are polled with :func:`unit_ended`.
+    ``False`` so they are polled with :func:`unit_ended`; so is anything else.
+    Exact types, no duck typing: a user's token that happens to have a
+    ``rawlink``, ``add_done_callback`` or ``parent`` attribute is just a token.
     """
-    rawlink = getattr(unit, "rawlink", None)
-    if rawlink is not None:  # gevent.Greenlet
-        rawlink(lambda _glet: callback())
-        return True
-    add_done_callback = getattr(unit, "add_done_callback", None)
-    if add_done_callback is not None:  # asyncio.Task
-        add_done_callback(lambda _task: callback())
-        return True
-    if getattr(unit, "parent", False) is None:  # a thread's main greenlet
-        on_thread_exit(callback)
+    if isinstance(unit, _greenlet_type or _load_greenlet_type()):
+        rawlink = getattr(unit, "rawlink", None)
+        if rawlink is not None:  # gevent.Greenlet
+            rawlink(lambda _glet: callback())
+            return True
+        if unit.parent is None:  # a thread's main greenlet
+            on_thread_exit(callback)
+            return True
+        return False
+    asyncio = sys.modules.get("asyncio")
+    if asyncio is not None and isinstance(unit, asyncio.Future):
+        unit.add_done_callback(lambda _task: callback())
         return True
     return False
 
@@ -186,12 +200,11 @@ def on_thread_exit(callback: t.Callable[[], None]) -> None:
 
 def unit_ended(unit: object) -> bool:
     """``True`` once a greenlet is dead or an asyncio task is done."""
-    dead = getattr(unit, "dead", None)
-    if dead is not None:
-        return bool(dead)
-    done = getattr(unit, "done", None)
-    if done is not None:
-        return bool(done())
+    if isinstance(unit, _greenlet_type or _load_greenlet_type()):
+        return bool(unit.dead)
+    asyncio = sys.modules.get("asyncio")
+    if asyncio is not None and isinstance(unit, asyncio.Future):
+        return bool(unit.done())
     return False
 
 

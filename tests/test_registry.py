@@ -264,3 +264,35 @@ def test_configure_warns_like_sqlalchemy(factory: sessionmaker[Session]) -> None
         warnings.simplefilter("always")
         S.configure(autoflush=True)
     assert any("already present" in str(w.message) for w in caught)
+
+
+def test_tokens_that_look_like_greenlets_or_tasks_are_just_tokens(
+    factory: sessionmaker[Session],
+) -> None:
+    """No duck typing: only real greenlets and asyncio tasks have an end we watch."""
+
+    class Job:
+        done = True  # an attribute, not Future.done()
+        dead = True
+        parent = None
+
+        def __init__(self, n: int) -> None:
+            self.n = n
+
+    jobs = [Job(n) for n in range(200)]
+    current = [jobs[0]]
+    S = scoping.scoped_session(factory, scopefunc=lambda: current[0])
+    for job in jobs:  # more creations than a sweep interval: every key is polled
+        current[0] = job
+        S()
+    S.registry.collect()
+    assert len(S.registry) == 200  # none was taken for an ended greenlet or task
+
+    def in_thread() -> None:
+        current[0] = Job(-1)
+        S()
+
+    th = threading.Thread(target=in_thread)
+    th.start()
+    th.join()
+    assert len(S.registry) == 201  # the thread's exit does not retire a token
