@@ -88,10 +88,12 @@ class ScopeStrategy(t.Protocol):
 
 
 class BaseScope:
-    """Convenience base: scopes whose end is never signalled nor polled.
+    """Convenience base: subclasses implement :meth:`current`.
 
-    Subclasses implement :meth:`current`. Sessions of such scopes stay until
-    ``remove()``, as with SQLAlchemy's own ``scoped_session``.
+    When a key is a greenlet or an asyncio task, its end is watched (see
+    :func:`watch_unit`); any other key (a request id, a task name) has no end
+    the registry can see, and its Session stays until ``remove()``, as with
+    SQLAlchemy's own ``scoped_session``.
     """
 
     __slots__ = ()
@@ -101,10 +103,10 @@ class BaseScope:
         raise NotImplementedError
 
     def watch(self, key: t.Hashable, on_end: OnEnd) -> bool:
-        return False
+        return watch_unit(key, lambda: on_end(key))
 
     def is_ended(self, key: t.Hashable) -> bool:
-        return False
+        return unit_ended(key)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r}>"
@@ -208,10 +210,6 @@ def unit_ended(unit: object) -> bool:
     return False
 
 
-def _watch_key_unit(key: t.Hashable, on_end: OnEnd) -> bool:
-    return watch_unit(key, lambda: on_end(key))
-
-
 # --- strategies --------------------------------------------------------------
 
 
@@ -234,12 +232,6 @@ class GreenletScope(BaseScope):
     def __init__(self) -> None:
         # greenlet.getcurrent is never patched by gevent: binding it is safe.
         self.current: t.Callable[[], t.Hashable] = _getcurrent()
-
-    def watch(self, key: t.Hashable, on_end: OnEnd) -> bool:
-        return _watch_key_unit(key, on_end)
-
-    def is_ended(self, key: t.Hashable) -> bool:
-        return unit_ended(key)
 
 
 def _threading_is_patched() -> bool:
@@ -307,12 +299,6 @@ class ThreadScope(BaseScope):
                 return thread_key()
 
         self.current: t.Callable[[], t.Hashable] = current
-
-    def watch(self, key: t.Hashable, on_end: OnEnd) -> bool:
-        return _watch_key_unit(key, on_end)
-
-    def is_ended(self, key: t.Hashable) -> bool:
-        return unit_ended(key)
 
 
 class ContextVarScope(BaseScope):
@@ -415,8 +401,10 @@ class TokenScope(BaseScope):
     removed when the last ``scope(token)`` block for it exits.
 
     Tokens bound with ``scope()`` live in a :class:`~contextvars.ContextVar`, so
-    a new greenlet or thread starts with no token. Cost: one ContextVar read
-    per lookup, plus the ``scopefunc`` call when no token is bound.
+    a new greenlet or thread starts with no token. Tokens that are greenlets
+    or tasks (``scopefunc=greenlet.getcurrent``) are cleaned up when they end,
+    as :class:`BaseScope` does. Cost: one ContextVar read per lookup, plus the
+    ``scopefunc`` call when no token is bound.
     """
 
     __slots__ = ("_bound", "scopefunc")
@@ -450,13 +438,6 @@ class TokenScope(BaseScope):
         """Restore the token that was current before :meth:`bind`."""
         self._bound.reset(handle)
 
-    def watch(self, key: t.Hashable, on_end: OnEnd) -> bool:
-        # scopefunc=greenlet.getcurrent and similar still clean up by themselves.
-        return _watch_key_unit(key, on_end)
-
-    def is_ended(self, key: t.Hashable) -> bool:
-        return unit_ended(key)
-
 
 class AutoScope(BaseScope):
     """Per asyncio task inside a running task, else per greenlet.
@@ -489,12 +470,6 @@ class AutoScope(BaseScope):
 
         # A closure, not a method: the hot path then reads no attributes.
         self.current: t.Callable[[], t.Hashable] = current
-
-    def watch(self, key: t.Hashable, on_end: OnEnd) -> bool:
-        return _watch_key_unit(key, on_end)
-
-    def is_ended(self, key: t.Hashable) -> bool:
-        return unit_ended(key)
 
 
 def _current_unit(getcurrent: t.Callable[[], Greenlet]) -> object:
