@@ -1,12 +1,18 @@
-"""Shared fixtures. PostgreSQL is found or started by ``stress.postgres`` (README, "PostgreSQL").
+"""Shared fixtures. PostgreSQL is found or started by ``stress.postgres`` (docs/postgres.md).
 
 Order: ``--dsn`` / ``SCOPING_DSN``, compose service 127.0.0.1:5433, local server
 127.0.0.1:5432, then a throwaway cluster started on first use (``--pg-throwaway``
 goes straight there). Steps 1-3 are probed once, at header time or on first use;
-the header and the terminal summary say which server is used.
+the header and the terminal summary say which server is used, its version, and
+its DSN masked.
 
 No server: tests that need one are skipped, or fail under ``CI=true``. An explicit
 DSN that does not work always fails: it is a configuration error, never a skip.
+
+Fixtures: ``pg_server`` (a ``stress.postgres.Server``), ``pg_db`` (one database for
+the session), ``pg_url`` (its SQLAlchemy psycopg2 URL), ``pg_env`` (environment for
+child processes: ``SCOPING_TEST_DSN`` without a password, plus ``PGPASSFILE`` when
+the server needs one), ``pg_engine`` and ``sqlite_url``.
 """
 
 from __future__ import annotations
@@ -25,7 +31,9 @@ if t.TYPE_CHECKING:
 
     import sqlalchemy
 
-_PG_FIXTURES = frozenset({"pg_server", "pg_db", "pg_url", "pg_engine"})
+_PG_FIXTURES = frozenset({"pg_server", "pg_db", "pg_url", "pg_env", "pg_engine"})
+#: The variable that docs examples and child processes read their database URL from.
+TEST_DSN_VAR = "SCOPING_TEST_DSN"
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -155,6 +163,19 @@ def pg_db(pg_server: pg.Server) -> Iterator[pg.Database]:
 def pg_url(pg_db: pg.Database) -> str:
     """SQLAlchemy URL (``postgresql+psycopg2://``) of the session database."""
     return pg_db.url
+
+
+@pytest.fixture(scope="session")
+def pg_env(pg_url: str) -> Iterator[dict[str, str]]:
+    """Environment to add to a child process's so it can reach the session database.
+
+    ``SCOPING_TEST_DSN`` is ``pg_url`` without its password; when there is one it
+    sits in a libpq password file (0600, removed at session end) named by
+    ``PGPASSFILE``, which psycopg2, psycopg and asyncpg read. So neither the child's
+    argv nor its environment holds the secret. Use ``env={**os.environ, **pg_env}``.
+    """
+    with pg.passfile_env(pg_url) as (public_url, env):
+        yield {TEST_DSN_VAR: public_url, **env}
 
 
 @pytest.fixture
