@@ -20,7 +20,14 @@ from __future__ import annotations
 
 import typing as t
 
-from .errors import NoScopeToken, ScopeViolation, ScopingError, ScopingWarning
+from .errors import (
+    NoScopeToken,
+    ScopeEnded,
+    ScopeReentered,
+    ScopeViolation,
+    ScopingError,
+    ScopingWarning,
+)
 from .registry import Registry
 from .scopes import (
     AutoScope,
@@ -43,6 +50,8 @@ __all__ = [
     "GreenletScope",
     "NoScopeToken",
     "Registry",
+    "ScopeEnded",
+    "ScopeReentered",
     "ScopeStrategy",
     "ScopeViolation",
     "ScopingError",

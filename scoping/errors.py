@@ -8,6 +8,8 @@ from __future__ import annotations
 
 __all__ = [
     "NoScopeToken",
+    "ScopeEnded",
+    "ScopeReentered",
     "ScopeViolation",
     "ScopingError",
     "ScopingWarning",
@@ -23,6 +25,23 @@ class NoScopeToken(ScopingError, LookupError):
 
     Raised when a ``scope="token"`` session is touched outside any
     ``Session.scope(token)`` block and no ``scopefunc`` was given.
+    """
+
+
+class ScopeEnded(NoScopeToken):
+    """A token is bound, but every ``Session.scope(token)`` block for it has exited.
+
+    Raised when a task or greenlet that copied its creator's context (and so
+    its token) makes a Session after the block ended: that Session would
+    belong to nobody and be handed to the next block for the same token.
+    """
+
+
+class ScopeReentered(ScopingError, RuntimeError):
+    """One ``Session.scope()`` object was entered while it was already entered.
+
+    Each ``with`` needs its own ``Session.scope(...)`` call; nested blocks for
+    the same scope share the Session anyway.
     """
 
 

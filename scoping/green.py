@@ -65,6 +65,7 @@ import typing as t
 __all__ = [
     "GeventWaitCallback",
     "is_psycopg2_patched",
+    "is_waiting",
     "patch_psycopg2",
     "psycopg2_wait_callback",
     "unpatch_psycopg2",
@@ -77,6 +78,33 @@ _CANCEL_RETRY_INTERVAL = 1.0
 # psycopg2.extensions.POLL_OK/READ/WRITE (stable since psycopg2 2.2); spelled
 # out so that this module needs no psycopg2 import. Checked by the tests.
 _POLL_OK, _POLL_READ, _POLL_WRITE = 0, 1, 2
+# ids of the psycopg2 connections a greenlet is waiting on right now (their
+# native mutex is held: touching them would block the OS thread).
+_waiting: set[int] = set()
+
+
+def is_waiting(conn: object) -> bool:
+    """Is a greenlet inside a statement on psycopg2 connection ``conn`` right now?
+
+    Only known for waits made by scoping's callback. ``Registry.close_all()``
+    uses it to skip such Sessions instead of blocking the hub.
+    """
+    return id(conn) in _waiting
+
+
+def _check_drain_timeout(drain_timeout: object) -> float:
+    if isinstance(drain_timeout, bool) or not isinstance(drain_timeout, (int, float)):
+        raise TypeError(
+            f"drain_timeout must be a number of seconds, got {drain_timeout!r}: pass e.g. "
+            f"drain_timeout=5.0"
+        )
+    value = float(drain_timeout)
+    if not (0 <= value < float("inf")):  # also refuses nan
+        raise ValueError(
+            f"drain_timeout must be a finite number of seconds >= 0, got {drain_timeout!r}: "
+            f"an unbounded drain could hold an interrupted greenlet for good"
+        )
+    return value
 
 
 class GeventWaitCallback:
@@ -90,8 +118,7 @@ class GeventWaitCallback:
     __slots__ = ("_wait_read", "_wait_write", "drain_timeout")
 
     def __init__(self, drain_timeout: float = DEFAULT_DRAIN_TIMEOUT) -> None:
-        if drain_timeout < 0:
-            raise ValueError(f"drain_timeout must be >= 0 seconds, got {drain_timeout!r}")
+        drain_timeout = _check_drain_timeout(drain_timeout)
         # Imported when the callback is built (by patch_psycopg2), never at
         # module import; bound here to keep imports off the per-query path.
         from gevent.socket import wait_read, wait_write
@@ -104,6 +131,14 @@ class GeventWaitCallback:
         return f"<scoping.green.GeventWaitCallback drain_timeout={self.drain_timeout}>"
 
     def __call__(self, conn: t.Any, timeout: float | None = None) -> None:
+        key = id(conn)
+        _waiting.add(key)
+        try:
+            self._wait(conn, timeout)
+        finally:
+            _waiting.discard(key)
+
+    def _wait(self, conn: t.Any, timeout: float | None) -> None:
         while True:
             state = conn.poll()
             if state == _POLL_OK:
@@ -179,13 +214,19 @@ def _extensions() -> t.Any:
 def patch_psycopg2(*, drain_timeout: float = DEFAULT_DRAIN_TIMEOUT) -> GeventWaitCallback:
     """Make psycopg2 cooperative under gevent and cancel statements on interruption.
 
+    :param drain_timeout: seconds (finite, >= 0) to wait for the server to
+      answer the cancel of an interrupted statement; refused up front when
+      not a number, negative, infinite or nan.
+
     Unit of effect: the whole process (psycopg2 has a single wait callback).
+    Fork: the callback is inherited by children, which is what they need.
     Idempotent: when a :class:`GeventWaitCallback` with the same
     ``drain_timeout`` is already active it is kept. Replaces any other
     callback (psycogreen's included). Returns the active callback.
     Raises :class:`ImportError` naming the package to install when gevent or
     psycopg2 is missing.
     """
+    drain_timeout = _check_drain_timeout(drain_timeout)
     extensions = _extensions()
     try:
         import gevent.socket  # noqa: F401  (fail now, not in the first query)

@@ -1,33 +1,70 @@
 """Opt-in concurrency guard: ``scoped_session(..., guard=True)``.
 
 A guarded Session remembers the scope that created it and checks, on every
-ORM execute, flush and transaction begin, that it is still used from that
-scope. A Session object handed to another greenlet, thread or task raises
-:class:`~scoping.ScopeViolation` on its first use there, naming both scopes,
-instead of corrupting data later. For the token strategy, where several
-greenlets may share a token on purpose, it also catches two of them touching
-the shared Session while the other's transaction is open.
+public Session method (``add``, ``get``, ``execute``, ``flush``, ``commit``,
+``rollback``, ``close``, ...) and on every transaction begin, that it is
+still used from that scope. A Session object handed to another greenlet,
+thread or task raises :class:`~scoping.ScopeViolation` on its first use
+there, naming both scopes, instead of corrupting data later.
 
-Cost: three SQLAlchemy event listeners per Session and one strategy lookup per
-execute, flush or begin; proxied attribute reads are not affected.
+For the token strategy, where several units may share a token on purpose,
+it catches the two ways sharing goes wrong: a unit using the Session while
+another unit is *inside* a Session call (suspended mid-statement), and a
+unit using it while another unit's transaction holds *writes* (pending or
+flushed objects, or ORM DML), which the second unit would then commit or
+roll back. Units that take turns (a parent reads, its child reads after it)
+are not flagged.
+
+Cost: the Session's class is swapped, once, for a cached subclass whose
+guarded methods do one strategy lookup each; three SQLAlchemy event
+listeners (begin, flush, transaction end). Proxied attribute reads are not
+affected. A Session retired by the registry (its scope ended, or
+``close_all()``) is closed without checks.
 """
 
 from __future__ import annotations
 
+import functools
 import typing as t
 
 from sqlalchemy import event
 
+from . import _units
 from .errors import NoScopeToken, ScopeViolation
-from .scopes import ScopeStrategy, _current_unit, _getcurrent, unit_ended
 
 if t.TYPE_CHECKING:
     from sqlalchemy.engine import Connection
     from sqlalchemy.orm import ORMExecuteState, Session, SessionTransaction, UOWTransaction
 
+    from .scopes import ScopeStrategy
+
 __all__ = ["SessionGuard", "describe_scope"]
 
 _INFO_KEY = "scoping.guard"
+_ATTR = "_scoping_guard"
+#: Session methods that check the scope before they run.
+GUARDED_METHODS: t.Final = (
+    "add",
+    "add_all",
+    "begin",
+    "begin_nested",
+    "close",
+    "commit",
+    "connection",
+    "delete",
+    "execute",
+    "expunge",
+    "expunge_all",
+    "flush",
+    "get",
+    "get_one",
+    "merge",
+    "query",
+    "refresh",
+    "rollback",
+    "scalar",
+    "scalars",
+)
 
 
 class _Outside:
@@ -55,33 +92,94 @@ def describe_scope(key: object) -> str:
     return f"token {key!r}"
 
 
+_classes: dict[type, type] = {}
+
+
+def _guarded_class(cls: type) -> type:
+    sub = _classes.get(cls)
+    if sub is not None:
+        return sub
+    namespace: dict[str, t.Any] = {"__module__": cls.__module__}
+    for name in GUARDED_METHODS:
+        original = getattr(cls, name, None)
+        if original is None:
+            continue
+
+        def make(name: str, original: t.Callable[..., t.Any]) -> t.Callable[..., t.Any]:
+            @functools.wraps(original)
+            def method(self: t.Any, *args: t.Any, **kw: t.Any) -> t.Any:
+                guard: SessionGuard | None = self.__dict__.get(_ATTR)
+                if guard is None or guard.released:
+                    return original(self, *args, **kw)
+                unit = guard.enter(name)
+                try:
+                    return original(self, *args, **kw)
+                finally:
+                    guard.leave(unit)
+
+            return method
+
+        namespace[name] = make(name, original)
+    sub = _classes[cls] = type(cls.__name__, (cls,), namespace)
+    return sub
+
+
 class SessionGuard:
     """Checks that one Session is used only from the scope that owns it."""
 
-    __slots__ = ("_getcurrent", "holder", "owner", "strategy")
+    __slots__ = ("active", "depth", "holder", "owner", "released", "session", "strategy", "wrote")
 
-    def __init__(self, strategy: ScopeStrategy) -> None:
+    def __init__(self, strategy: ScopeStrategy, session: Session) -> None:
         self.strategy = strategy
         self.owner = strategy.current()
-        self.holder: object = None
-        self._getcurrent = _getcurrent()
+        self.holder: object = None  # the unit whose transaction is open
+        self.wrote = False  # that transaction holds writes
+        self.active: object = None  # the unit inside a Session call now
+        self.depth = 0
+        self.released = False  # retired by the registry: no more checks
+        self.session = session
 
     @classmethod
     def install(cls, session: Session, strategy: ScopeStrategy) -> SessionGuard:
         """Attach a guard to ``session`` (once) and return it."""
-        existing = session.info.get(_INFO_KEY)
+        existing = session.__dict__.get(_ATTR)
         if isinstance(existing, SessionGuard):
             return existing
-        guard = cls(strategy)
+        guard = cls(strategy, session)
+        session.__dict__[_ATTR] = guard
         session.info[_INFO_KEY] = guard
-        event.listen(session, "do_orm_execute", guard._on_execute)
-        event.listen(session, "before_flush", guard._on_flush)
+        session.__class__ = _guarded_class(type(session))
         event.listen(session, "after_begin", guard._on_begin)
+        event.listen(session, "after_flush", guard._on_flush)
+        event.listen(session, "do_orm_execute", guard._on_execute)
         event.listen(session, "after_transaction_end", guard._on_transaction_end)
         return guard
 
-    def check(self, action: str) -> None:
-        """Raise :class:`ScopeViolation` if the current scope does not own the Session."""
+    @staticmethod
+    def release(session: object) -> None:
+        """The registry took ``session`` back (scope ended): stop checking it."""
+        guard = getattr(session, "__dict__", {}).get(_ATTR)
+        if guard is not None:
+            guard.released = True
+
+    def enter(self, action: str) -> object:
+        unit = self.check(action)
+        if self.depth == 0:
+            self.active = unit
+        self.depth += 1
+        return unit
+
+    def leave(self, unit: object) -> None:
+        self.depth -= 1
+        if self.depth <= 0:
+            self.depth = 0
+            self.active = None
+
+    def check(self, action: str) -> object:
+        """Raise :class:`ScopeViolation` if the current scope may not use the Session.
+
+        Returns the current unit (task or greenlet).
+        """
         try:
             key = self.strategy.current()
         except NoScopeToken:
@@ -93,31 +191,52 @@ class SessionGuard:
                 f"Session object to other greenlets, threads or tasks; call the scoped_session "
                 f"proxy there instead (it gives each scope its own Session)"
             )
+        unit = _units.current_unit()
+        active = self.active
+        if active is not None and active is not unit and not _units.unit_ended(active):
+            raise ScopeViolation(
+                f"the Session of {describe_scope(key)} was used ({action}) by "
+                f"{describe_scope(unit)} while {describe_scope(active)} is inside a Session "
+                f"call on it: units that share a token must take turns. Give each its own "
+                f"token, or let one finish before another starts"
+            )
         holder = self.holder
-        if holder is not None:
-            unit = _current_unit(self._getcurrent)
-            if holder is not unit and not unit_ended(holder):
-                raise ScopeViolation(
-                    f"the Session of {describe_scope(key)} was used ({action}) by "
-                    f"{describe_scope(unit)} while {describe_scope(holder)} has a transaction "
-                    f"open on it: greenlets that share a token must not use its Session at "
-                    f"the same time. Give each greenlet its own token, or finish (commit or "
-                    f"rollback) before another greenlet takes over"
-                )
+        if (
+            holder is not None
+            and holder is not unit
+            and (self.wrote or self._pending())
+            and not _units.unit_ended(holder)
+        ):
+            raise ScopeViolation(
+                f"the Session of {describe_scope(key)} was used ({action}) by "
+                f"{describe_scope(unit)} while {describe_scope(holder)} has a transaction "
+                f"open on it with writes: units that share a token must not mix their "
+                f"writes. Give each its own token, or commit (or roll back) before another "
+                f"unit takes over"
+            )
+        return unit
 
-    def _on_execute(self, state: ORMExecuteState) -> None:
-        self.check("execute")
-
-    def _on_flush(self, session: Session, context: UOWTransaction, instances: object) -> None:
-        self.check("flush")
+    def _pending(self) -> bool:
+        session = self.session
+        return bool(session._new or session._deleted or session.identity_map._modified)
 
     def _on_begin(
         self, session: Session, transaction: SessionTransaction, connection: Connection
     ) -> None:
+        if self.released:
+            return
         self.check("begin")
         if transaction.parent is None:
-            self.holder = _current_unit(self._getcurrent)
+            self.holder = _units.current_unit()
+
+    def _on_flush(self, session: Session, context: UOWTransaction) -> None:
+        self.wrote = True
+
+    def _on_execute(self, state: ORMExecuteState) -> None:
+        if state.is_insert or state.is_update or state.is_delete:
+            self.wrote = True
 
     def _on_transaction_end(self, session: Session, transaction: SessionTransaction) -> None:
         if transaction.parent is None:
             self.holder = None
+            self.wrote = False

@@ -14,18 +14,25 @@ strategy        one Session per ...                           scope ends when
                 greenlet once gevent has patched threading
 ``greenlet``    greenlet (each OS thread's main greenlet       the greenlet ends
                 counts, so plain threads are covered)
-``contextvar``  execution context (:class:`contextvars.       the context is freed
+``contextvar``  execution context (:class:`contextvars.       the context is freed,
                 Context`); a child started with a *copy* of    or the greenlet/task
-                its creator's context gets its own Session     that made it ends
+                its creator's context gets its own Session     that made it ends and
+                                                               no one else holds it
 ``token``       token bound by ``Session.scope(token)`` or     the outermost
                 returned by ``scopefunc``                      ``scope()`` exits
-``auto``        asyncio task inside a running task, else       the task or greenlet
-                greenlet (else thread without greenlet)        ends
+``auto``        asyncio task inside a running task, else       the task ends, or as
+                execution context, as ``contextvar``           ``contextvar``
 ==============  ============================================  ====================
 
 Nothing here touches :mod:`threading` attributes, gevent or asyncio at import
 time: every decision is taken when a Session is used, so building a strategy
 before ``gevent.monkey.patch_all()`` is safe.
+
+Each strategy declares its hot-path key once, next to :meth:`current`:
+``fast_key`` (a callable that returns ``current()``, or a value that is never
+a registry key, which makes the caller fall back to ``current()``) and
+``fast_key_kind`` (which of the few shapes :mod:`scoping.session` inlines).
+``tests/test_lifecycle.py`` checks, in every runtime, that they agree.
 
 Keys are never ``id()`` values or ``get_ident()`` results of things that can
 die while their key is still in use: greenlet, task and thread keys are the
@@ -41,12 +48,11 @@ import typing as t
 import warnings
 import weakref
 
-from .errors import NoScopeToken, ScopingWarning
-
-if t.TYPE_CHECKING:
-    from greenlet import greenlet as Greenlet
+from . import _units
+from .errors import NoScopeToken, ScopeEnded, ScopingWarning
 
 __all__ = [
+    "STRATEGY_NAMES",
     "AutoScope",
     "BaseScope",
     "ContextVarScope",
@@ -57,10 +63,25 @@ __all__ = [
     "strategy_for",
 ]
 
+#: The names ``scope=`` accepts, in the order the docs list them.
+STRATEGY_NAMES: t.Final[tuple[str, ...]] = ("thread", "greenlet", "contextvar", "token", "auto")
+
 OnEnd = t.Callable[[t.Hashable], None]
 """Called with a key once its scope has ended. It only queues work: it may run
 in a garbage-collector or weakref callback, in a gevent hub callback or in
-another thread, so it never does I/O."""
+another thread, so it never does I/O. The registry's callback also has a
+``poll(key)`` method: "this key may have ended, check it with is_ended()
+from time to time"."""
+
+FastKeyKind = t.Literal["exact", "fast", "context", "task-else-context"]
+"""How :mod:`scoping.session` computes the key on a hit:
+
+- ``"exact"``: ``fast_key()`` always equals ``current()``;
+- ``"fast"``: ``fast_key()`` equals ``current()`` or is never a registry key
+  (a miss, after which ``current()`` decides);
+- ``"context"`` and ``"task-else-context"``: shapes inlined in the session's
+  hot path (see ContextVarScope and AutoScope), equal to ``fast_key()``.
+"""
 
 
 @t.runtime_checkable
@@ -91,123 +112,32 @@ class BaseScope:
     """Convenience base: subclasses implement :meth:`current`.
 
     When a key is a greenlet or an asyncio task, its end is watched (see
-    :func:`watch_unit`); any other key (a request id, a task name) has no end
-    the registry can see, and its Session stays until ``remove()``, as with
-    SQLAlchemy's own ``scoped_session``.
+    :func:`scoping._units.watch_unit`); any other key (a request id, a task
+    name) has no end the registry can see, and its Session stays until
+    ``remove()``, as with SQLAlchemy's own ``scoped_session``.
     """
 
     __slots__ = ()
     name: str = "custom"
+    #: How :mod:`scoping.session` computes the key on a hit (see FastKeyKind).
+    fast_key_kind: FastKeyKind = "exact"
+
+    @property
+    def fast_key(self) -> t.Callable[[], t.Hashable]:
+        """A callable returning ``current()`` (or a never-present key: a miss)."""
+        return self.current
 
     def current(self) -> t.Hashable:
         raise NotImplementedError
 
     def watch(self, key: t.Hashable, on_end: OnEnd) -> bool:
-        return watch_unit(key, lambda: on_end(key))
+        return _units.watch_unit(key, lambda: on_end(key))
 
     def is_ended(self, key: t.Hashable) -> bool:
-        return unit_ended(key)
+        return _units.unit_ended(key)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r}>"
-
-
-# --- ends of greenlets, tasks and threads -----------------------------------
-
-
-def _getcurrent() -> t.Callable[[], Greenlet]:
-    from greenlet import getcurrent
-
-    return t.cast("t.Callable[[], Greenlet]", getcurrent)
-
-
-_greenlet_type: t.Any = None  # greenlet.greenlet, bound at first use
-
-
-def _load_greenlet_type() -> t.Any:
-    global _greenlet_type
-    from greenlet import greenlet
-
-    _greenlet_type = greenlet
-    return greenlet
-
-
-def watch_unit(unit: object, callback: t.Callable[[], None]) -> bool:
-    """Call ``callback()`` when ``unit`` (a greenlet or asyncio task) ends.
-
-    gevent greenlets signal through ``rawlink`` (run by the hub), asyncio
-    tasks through ``add_done_callback`` (run by the loop), and an OS thread's
-    main greenlet when the thread exits (a native thread-local is cleared).
-    Must be called from within ``unit``. Raw greenlets cannot signal: return
-    ``False`` so they are polled with :func:`unit_ended`; so is anything else.
-    Exact types, no duck typing: a user's token that happens to have a
-    ``rawlink``, ``add_done_callback`` or ``parent`` attribute is just a token.
-    """
-    if isinstance(unit, _greenlet_type or _load_greenlet_type()):
-        rawlink = getattr(unit, "rawlink", None)
-        if rawlink is not None:  # gevent.Greenlet
-            rawlink(lambda _glet: callback())
-            return True
-        if unit.parent is None:  # a thread's main greenlet
-            on_thread_exit(callback)
-            return True
-        return False
-    asyncio = sys.modules.get("asyncio")
-    if asyncio is not None and isinstance(unit, asyncio.Future):
-        unit.add_done_callback(lambda _task: callback())
-        return True
-    return False
-
-
-class _ThreadMarker:
-    __slots__ = ("__weakref__",)
-
-
-_native_local: t.Any = None  # made at first use, from the unpatched class
-_thread_refs: set[weakref.ref[_ThreadMarker]] = set()
-
-
-def on_thread_exit(callback: t.Callable[[], None]) -> None:
-    """Call ``callback()`` when the current OS thread exits.
-
-    A marker lives in a native (never gevent-patched) thread-local; CPython
-    drops it while the thread is torn down, before ``Thread.join()`` returns,
-    and its weakref callback runs the callbacks. They must not do I/O.
-    """
-    global _native_local
-    local = _native_local
-    if local is None:
-        monkey = sys.modules.get("gevent.monkey")
-        if monkey is not None and monkey.is_module_patched("threading"):
-            cls = monkey.get_original("_thread", "_local")
-        else:
-            import _thread
-
-            cls = _thread._local
-        local = _native_local = cls()
-    try:
-        callbacks: list[t.Callable[[], None]] = local.callbacks
-    except AttributeError:
-        callbacks = local.callbacks = []
-        marker = local.marker = _ThreadMarker()
-
-        def thread_exited(ref: weakref.ref[_ThreadMarker]) -> None:
-            _thread_refs.discard(ref)
-            for cb in callbacks:
-                cb()
-
-        _thread_refs.add(weakref.ref(marker, thread_exited))
-    callbacks.append(callback)
-
-
-def unit_ended(unit: object) -> bool:
-    """``True`` once a greenlet is dead or an asyncio task is done."""
-    if isinstance(unit, _greenlet_type or _load_greenlet_type()):
-        return bool(unit.dead)
-    asyncio = sys.modules.get("asyncio")
-    if asyncio is not None and isinstance(unit, asyncio.Future):
-        return bool(unit.done())
-    return False
 
 
 # --- strategies --------------------------------------------------------------
@@ -222,23 +152,26 @@ class GreenletScope(BaseScope):
     new greenlet can never inherit a dead one's Session.
 
     Cost: one C call per lookup. Cleanup: gevent greenlets through
-    ``rawlink`` at the moment they finish; raw greenlets and threads by polling
-    ``greenlet.dead`` as new Sessions are created.
+    ``rawlink`` at the moment they finish, threads when they exit; raw
+    greenlets by polling ``greenlet.dead`` (as new Sessions are created, by
+    ``collect()``, and once a second while any are live), and an abandoned
+    suspended raw greenlet (no reference left but the registry's) is then
+    let go, so its ``finally`` blocks run.
+
+    Lifecycle: fork, the child forgets every inherited Session without
+    touching it (:mod:`scoping.fork`); thread hop (``to_thread``), the
+    executor thread's Session, shared by every task it serves; a child
+    greenlet given a copied context is its own greenlet, so its own Session;
+    kill ends the greenlet like a normal exit.
     """
 
-    __slots__ = ("current",)
+    __slots__ = ("current", "fast_key")
     name = "greenlet"
 
     def __init__(self) -> None:
         # greenlet.getcurrent is never patched by gevent: binding it is safe.
-        self.current: t.Callable[[], t.Hashable] = _getcurrent()
-
-
-def _threading_is_patched() -> bool:
-    monkey = sys.modules.get("gevent.monkey")
-    if monkey is None:
-        return False
-    return bool(monkey.is_module_patched("threading"))
+        self.current: t.Callable[[], t.Hashable] = _units.getcurrent()
+        self.fast_key = self.current  # type: ignore[misc]
 
 
 class ThreadScope(BaseScope):
@@ -251,18 +184,30 @@ class ThreadScope(BaseScope):
 
     Without patching, raw greenlets (and ``patch_all(thread=False)``) share
     their thread's Session, as with SQLAlchemy's ``scoped_session``; use
-    ``"greenlet"`` there.
+    ``"greenlet"`` there. ``asyncio.to_thread`` work shares the executor
+    thread's Session with every task that thread serves: use ``"auto"``.
 
-    Cost: one module attribute check and one thread-local read per lookup.
+    Cost: a hit is one C call (``greenlet.getcurrent()``: the running
+    greenlet is the key when it is the thread's main greenlet, or when
+    threading is patched); otherwise one module attribute check and one
+    thread-local read. Cleanup: when the thread (or, patched, the greenlet)
+    ends, by the reaper thread (or a gevent cleanup greenlet), within
+    milliseconds even if nothing else touches the registry.
+
+    Lifecycle: fork, the child forgets inherited Sessions (the forking
+    thread's included) without touching them; a child that copies the
+    context shares the Session only if it runs in the same thread (or,
+    patched, the same greenlet); kill or cancel ends the unit as a normal
+    exit does.
     """
 
-    __slots__ = ("current", "local_class")
+    __slots__ = ("current", "fast_key")
     name = "thread"
+    fast_key_kind: FastKeyKind = "fast"
 
     def __init__(self) -> None:
-        getcurrent = _getcurrent()
+        getcurrent = _units.getcurrent()
         threading_module = threading
-        self.local_class: object = None  # the threading.local last seen, for inspection
         # Resolved on first use and whenever threading.local is replaced,
         # never now. The state lives in the closure: the hot path then reads
         # no attributes of self.
@@ -275,9 +220,9 @@ class ThreadScope(BaseScope):
             # Order matters: read the class first, so a patch that lands
             # between these lines is seen on the next call.
             new_cls: object = threading_module.local
-            per_greenlet = _threading_is_patched()
+            per_greenlet = _units.threading_is_patched()
             local = None if per_greenlet else threading_module.local()
-            local_cls = self.local_class = new_cls
+            local_cls = new_cls
 
         def thread_key() -> t.Hashable:
             # The thread's main greenlet stands for the thread: it is dead
@@ -299,6 +244,20 @@ class ThreadScope(BaseScope):
                 return thread_key()
 
         self.current: t.Callable[[], t.Hashable] = current
+        # Keys are main greenlets (one per thread) or, patched, greenlets: the
+        # running greenlet is either the key or not a key at all (a raw
+        # greenlet of an unpatched thread, whose key is its main greenlet).
+        self.fast_key = getcurrent  # type: ignore[misc]
+
+
+def _holds_context(unit: object, ctx: contextvars.Context) -> bool:
+    """Does the (ended) ``unit`` object still hold ``ctx``?"""
+    if isinstance(unit, _units.greenlet_type()):
+        return unit.gr_context is ctx  # a dead greenlet keeps its Context
+    get_context = getattr(unit, "get_context", None)  # asyncio.Task, 3.12+
+    if get_context is not None:
+        return get_context() is ctx
+    return True  # a Task holds its Context until it is freed
 
 
 class ContextVarScope(BaseScope):
@@ -308,37 +267,53 @@ class ContextVarScope(BaseScope):
     An asyncio task, or a greenlet given ``gr_context = copy_context()``,
     runs in a *copy* of its creator's context, so it gets its own Session:
     copying a context never shares a Session. The same Context entered again
-    with ``Context.run`` gets the same Session.
+    with ``Context.run`` (or shared by two tasks or greenlets) gets the same
+    Session. ``asyncio.to_thread`` and ``run_in_executor`` with a copied
+    context run in their own Context, so their own Session.
 
     Cost: one C call and one attribute read per lookup. Cleanup: when the
-    Context is freed, or when the greenlet or task that created the Session
-    ends, whichever comes first.
+    Context is freed; or when the greenlet or task that created the Session
+    ends and nothing else holds its Context (a Context shared with a live
+    unit keeps its Session until that one lets go). Cancel or kill ends the
+    unit like a normal exit. Abandoned suspended greenlets are never held by
+    the registry (it holds units and Contexts weakly), so they are collected
+    and their ``finally`` blocks run. Fork: the child forgets inherited
+    Sessions.
     """
 
-    __slots__ = ("_getcurrent", "_probe", "_refs", "current")
+    __slots__ = ("_getcurrent", "_probe", "_refs", "current", "fast_key")
     name = "contextvar"
+    fast_key_kind: FastKeyKind = "context"
 
     def __init__(self) -> None:
-        getcurrent = self._getcurrent = _getcurrent()
+        getcurrent = self._getcurrent = _units.getcurrent()
         self._probe: contextvars.ContextVar[None] = contextvars.ContextVar(
             "scoping.ContextVarScope.probe"
         )
-        # key -> (weak reference to the Context, the unit that created it)
-        self._refs: dict[t.Hashable, tuple[weakref.ref[contextvars.Context], object]] = {}
+        # key -> (weak reference to the Context, weak reference to the unit
+        # that created the Session, or None for a thread's main greenlet)
+        self._refs: dict[
+            t.Hashable, tuple[weakref.ref[contextvars.Context], weakref.ref[t.Any] | None]
+        ] = {}
         context = self._context
         _id = id
+
+        def fast_key() -> t.Hashable:
+            # A Context is unhashable; its id is safe as a key because the
+            # entry is dropped by a weakref callback before the Context's
+            # memory (and so its id) can be reused. gr_context is None until
+            # the greenlet has a Context: id(None) is never a key (a miss).
+            return _id(getcurrent().gr_context)
 
         def current() -> t.Hashable:
             ctx = getcurrent().gr_context
             if ctx is None:
                 ctx = context()
-            # A Context is unhashable; its id is safe as a key because the
-            # entry is dropped by a weakref callback before the Context's
-            # memory (and so its id) can be reused.
             return _id(ctx)
 
-        # A closure, not a method: the hot path then reads no attributes.
+        # Closures, not methods: the hot path then reads no attributes.
         self.current: t.Callable[[], t.Hashable] = current
+        self.fast_key = fast_key  # type: ignore[misc]
 
     def _context(self) -> contextvars.Context:
         ctx = self._getcurrent().gr_context
@@ -357,29 +332,50 @@ class ContextVarScope(BaseScope):
             refs.pop(key, None)
             on_end(key)
 
-        unit = _current_unit(self._getcurrent)
-        refs[key] = (weakref.ref(ctx, context_freed), unit)
+        unit = _units.current_unit()
         if getattr(unit, "parent", False) is None:
             # A thread's main greenlet may run many contexts over its life;
             # they die with their last reference (at the latest with the
             # thread), so the weakref alone signals, with no per-thread list.
+            refs[key] = (weakref.ref(ctx, context_freed), None)
             return True
-        def owner_ended() -> None:
-            # Drop the entry too: it holds the unit, and the unit its Context,
-            # so neither could be freed while the entry exists.
-            refs.pop(key, None)
-            on_end(key)
+        # The unit is held weakly: a dead greenlet holds its Context, so a
+        # strong reference here would keep both alive for good.
+        refs[key] = (weakref.ref(ctx, context_freed), weakref.ref(unit))
+        del ctx
 
-        return watch_unit(unit, owner_ended)
+        def owner_ended() -> None:
+            if self.is_ended(key):
+                on_end(key)
+                return
+            poll = getattr(on_end, "poll", None)
+            if poll is not None:  # shared with a live unit: check again later
+                poll(key)
+
+        return _units.watch_unit(unit, owner_ended)
 
     def is_ended(self, key: t.Hashable) -> bool:
         entry = self._refs.get(key)
         if entry is None:
             return True
-        if entry[0]() is None or unit_ended(entry[1]):
-            self._refs.pop(key, None)  # it holds the unit, which holds the Context
+        ctx = entry[0]()
+        if ctx is None:
+            self._refs.pop(key, None)
             return True
-        return False
+        if entry[1] is None:
+            return False  # a thread's main greenlet: only the Context's end counts
+        unit = entry[1]()
+        if unit is not None and not _units.unit_ended(unit):
+            return False
+        # The unit that made the Session is over. The scope is over too unless
+        # something else holds the Context (another live task or greenlet
+        # sharing it, or code that may run it again). Counted here: `ctx`,
+        # getrefcount's argument, and the ended unit itself.
+        held = 2 + (unit is not None and _holds_context(unit, ctx))
+        if sys.getrefcount(ctx) > held:
+            return False
+        self._refs.pop(key, None)
+        return True
 
 
 class _Unbound:
@@ -392,6 +388,20 @@ class _Unbound:
 _UNBOUND: t.Final = _Unbound()
 
 
+class _Binding:
+    """One ``bind()``: the token, and the identity of the block that bound it.
+
+    A child that copied its parent's context holds the parent's binding; once
+    that block has exited the binding is dead, even if another block has
+    bound an equal token since.
+    """
+
+    __slots__ = ("__weakref__", "token")
+
+    def __init__(self, token: t.Hashable) -> None:
+        self.token = token
+
+
 class TokenScope(BaseScope):
     """One Session per token that the application chooses.
 
@@ -401,64 +411,107 @@ class TokenScope(BaseScope):
     removed when the last ``scope(token)`` block for it exits.
 
     Tokens bound with ``scope()`` live in a :class:`~contextvars.ContextVar`, so
-    a new greenlet or thread starts with no token. Tokens that are greenlets
-    or tasks (``scopefunc=greenlet.getcurrent``) are cleaned up when they end,
-    as :class:`BaseScope` does. Cost: one ContextVar read per lookup, plus the
-    ``scopefunc`` call when no token is bound.
+    a new greenlet or thread starts with no token, and a task or greenlet that
+    *copies* the context inherits it. The binding is that block's own: a
+    child that outlives its parent's block gets :class:`~scoping.ScopeEnded`
+    on its next use (never a Session nobody would remove, nor the Session of
+    a later block that bound an equal token). Tokens that are greenlets or tasks
+    (``scopefunc=greenlet.getcurrent``) are cleaned up when they end, as
+    :class:`BaseScope` does. A ``scopefunc`` that returns ``None`` raises
+    :class:`~scoping.NoScopeToken`.
+
+    Cost: one ContextVar read and one set lookup per lookup, plus the
+    ``scopefunc`` call when no token is bound. Fork: the child forgets inherited Sessions.
     """
 
-    __slots__ = ("_bound", "scopefunc")
+    __slots__ = ("_bound", "_live", "scopefunc")
     name = "token"
 
     def __init__(self, scopefunc: t.Callable[[], t.Hashable] | None = None) -> None:
         if scopefunc is not None:
+            if not callable(scopefunc):
+                raise TypeError(
+                    f"scopefunc={scopefunc!r} is not callable: pass a function that returns "
+                    f"the current scope's key, or scope='token' and Session.scope(token)"
+                )
             _warn_if_ident(scopefunc)
         self.scopefunc = scopefunc
-        self._bound: contextvars.ContextVar[t.Hashable] = contextvars.ContextVar(
+        self._bound: contextvars.ContextVar[_Binding | _Unbound] = contextvars.ContextVar(
             "scoping.TokenScope.bound", default=_UNBOUND
         )
+        # the bindings whose scope() block has not exited (set ops are atomic)
+        self._live: set[_Binding] = set()
 
     def current(self) -> t.Hashable:
-        token = self._bound.get()
-        if token is not _UNBOUND:
-            return token
+        binding = self._bound.get()
+        if binding is not _UNBOUND:
+            if binding in self._live:
+                return binding.token
+            raise ScopeEnded(
+                f"token {binding.token!r} is bound in this context, but the "  # type: ignore[union-attr]
+                f"`Session.scope(...)` block that bound it has exited: this task or greenlet "
+                f"copied the block's context and outlived it. Open its own "
+                f"`with Session.scope(token):` block, or finish child work before the "
+                f"parent's block exits"
+            )
         if self.scopefunc is not None:
-            return self.scopefunc()
+            token = self.scopefunc()
+            if token is None:
+                raise NoScopeToken(
+                    f"scopefunc {getattr(self.scopefunc, '__qualname__', self.scopefunc)!r} "
+                    f"returned None, which would give every caller one shared Session: make "
+                    f"it return a key for every unit of work, or raise when there is none"
+                )
+            return token
         raise NoScopeToken(
             "no token is bound for this scope='token' session: wrap the unit of work in "
             "`with Session.scope(token):`, or pass scopefunc= to scoped_session()"
         )
 
-    def bind(self, token: t.Hashable) -> contextvars.Token[t.Hashable]:
+    def bind(self, token: t.Hashable) -> contextvars.Token[_Binding | _Unbound]:
         """Make ``token`` current until :meth:`reset` is called with the result."""
         check_hashable(token, self)
-        return self._bound.set(token)
+        if token is None:
+            raise TypeError("None is not a token: pass the unit of work's key")
+        binding = _Binding(token)
+        self._live.add(binding)
+        return self._bound.set(binding)
 
-    def reset(self, handle: contextvars.Token[t.Hashable]) -> None:
+    def reset(self, handle: contextvars.Token[_Binding | _Unbound]) -> None:
         """Restore the token that was current before :meth:`bind`."""
+        binding = self._bound.get()
         self._bound.reset(handle)
+        self._live.discard(binding)
 
 
-class AutoScope(BaseScope):
-    """Per asyncio task inside a running task, else per greenlet.
+class AutoScope(ContextVarScope):
+    """Per asyncio task inside a running task, else per execution context.
 
     Decided at each use, never at import: inside an asyncio task the key is
-    the task; otherwise the current greenlet (which is the thread's main
-    greenlet in a plain thread). Without the greenlet package it is per
-    thread. Cost: one C call for the running loop, one for the greenlet.
+    the task; elsewhere it is the current :class:`contextvars.Context`, as
+    with ``"contextvar"``: one per thread, one per greenlet (gevent greenlets
+    and raw greenlets start with an empty Context), and one per
+    ``asyncio.to_thread`` / ``run_in_executor`` call that copies the task's
+    context, so work hopped to an executor thread never shares a Session
+    with another task's work, and its Session ends with that call.
+
+    Cost: one C call for the running loop, then one C call and one
+    attribute read. Cleanup: as the task ends (done or cancelled), or as
+    ``"contextvar"``; a ``to_thread`` call's Session when the call's Context
+    is freed. Fork: the child forgets inherited Sessions.
     """
 
-    __slots__ = ("current",)
+    __slots__ = ()
     name = "auto"
+    fast_key_kind: FastKeyKind = "task-else-context"
 
     def __init__(self) -> None:
+        super().__init__()
         from asyncio import current_task, events
 
         get_running_loop = events._get_running_loop
-        try:
-            getcurrent: t.Callable[[], t.Hashable] = _getcurrent()
-        except ImportError:  # pragma: no cover - greenlet is a dependency
-            getcurrent = ThreadScope().current
+        getcurrent = self._getcurrent
+        by_context = self.current
 
         def current() -> t.Hashable:
             loop = get_running_loop()
@@ -466,22 +519,25 @@ class AutoScope(BaseScope):
                 task = current_task(loop)
                 if task is not None:
                     return task
-            return getcurrent()
+            return by_context()
 
-        # A closure, not a method: the hot path then reads no attributes.
-        self.current: t.Callable[[], t.Hashable] = current
+        def fast_key() -> t.Hashable:
+            if get_running_loop() is None:
+                return id(getcurrent().gr_context)
+            return current()
 
+        self.current = current
+        self.fast_key = fast_key  # type: ignore[misc]
 
-def _current_unit(getcurrent: t.Callable[[], Greenlet]) -> object:
-    """The asyncio task running now, else the current greenlet."""
-    asyncio = sys.modules.get("asyncio")
-    if asyncio is not None:
-        loop = asyncio.events._get_running_loop()
-        if loop is not None:
-            task = asyncio.current_task(loop)
-            if task is not None:
-                return task
-    return getcurrent()
+    def watch(self, key: t.Hashable, on_end: OnEnd) -> bool:
+        if isinstance(key, int):
+            return super().watch(key, on_end)
+        return _units.watch_unit(key, lambda: on_end(key))
+
+    def is_ended(self, key: t.Hashable) -> bool:
+        if isinstance(key, int):
+            return super().is_ended(key)
+        return _units.unit_ended(key)
 
 
 def check_hashable(token: object, strategy: object) -> None:
@@ -515,12 +571,23 @@ _NAMED: dict[str, t.Callable[[], ScopeStrategy]] = {
     "token": TokenScope,
     "auto": AutoScope,
 }
+assert tuple(_NAMED) == STRATEGY_NAMES
 
 
 def strategy_for(
     scope: str | ScopeStrategy, scopefunc: t.Callable[[], t.Hashable] | None = None
 ) -> ScopeStrategy:
-    """Turn the ``scope=`` and ``scopefunc=`` arguments into a strategy object."""
+    """Turn the ``scope=`` and ``scopefunc=`` arguments into a strategy object.
+
+    :param scope: one of :data:`STRATEGY_NAMES` or a :class:`ScopeStrategy`.
+    :param scopefunc: SQLAlchemy's ``scopefunc``; gives a :class:`TokenScope`
+      over it, so only ``scope="auto"`` (the default) or ``"token"`` may go
+      with it.
+    :raises ValueError: unknown name, or ``scopefunc`` with another strategy.
+    :raises TypeError: ``scopefunc`` not callable, or ``scope`` neither a name
+      nor an object with ``current()`` (``watch()`` and ``is_ended()`` are
+      optional: without them a scope's Session stays until ``remove()``).
+    """
     if scopefunc is not None:
         if scope not in ("auto", "token"):
             raise ValueError(
@@ -532,15 +599,15 @@ def strategy_for(
         try:
             factory = _NAMED[scope]
         except KeyError:
-            valid = ", ".join(repr(n) for n in _NAMED)
+            valid = ", ".join(repr(n) for n in STRATEGY_NAMES)
             raise ValueError(
-                f"unknown scope strategy {scope!r}: use one of {valid}, or pass a "
-                f"strategy object"
+                f"unknown scope strategy {scope!r}: use one of {valid}, or pass a strategy object"
             ) from None
         return factory()
     if not callable(getattr(scope, "current", None)):
         raise TypeError(
-            f"scope={scope!r} is neither a strategy name nor an object with a "
-            f"current() method (see scoping.ScopeStrategy)"
+            f"scope={scope!r} is neither a strategy name nor an object with a current() "
+            f"method: subclass scoping.BaseScope and implement current() (see "
+            f"scoping.ScopeStrategy)"
         )
     return scope

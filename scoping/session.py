@@ -10,8 +10,11 @@ SQLAlchemy's own code, on 2.0 and 2.1 alike. What changes:
   leaves the Session behind);
 - :meth:`scoped_session.scope` is a context manager that removes the scope's
   Session on exit, and binds a token for the token strategy;
-- proxied calls skip one Python call level, so they cost less than
-  SQLAlchemy's thread-local proxy.
+- in a child made by ``os.fork()`` inherited Sessions are forgotten, never
+  touched, and the bound engines get fresh pools (:mod:`scoping.fork`);
+- proxied calls compute the key without an extra Python call level: what
+  that costs against SQLAlchemy's thread-local proxy is measured by
+  ``python -m stress.bench --only proxy`` (see docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -23,14 +26,17 @@ from sqlalchemy.orm import Session
 from sqlalchemy.orm import scoped_session as _sa_scoped_session
 from sqlalchemy.util import warn
 
+from . import fork
+from .errors import ScopeReentered
 from .guard import SessionGuard
 from .registry import Registry
-from .scopes import AutoScope, ContextVarScope, ScopeStrategy, strategy_for
+from .scopes import ScopeStrategy, strategy_for
 
 if t.TYPE_CHECKING:
+    from sqlalchemy.engine import Engine
     from sqlalchemy.orm import sessionmaker
 
-__all__ = ["scoped_session"]
+__all__ = ["ScopeBlock", "scoped_session"]
 
 _S = t.TypeVar("_S", bound=Session)
 
@@ -38,12 +44,24 @@ _S = t.TypeVar("_S", bound=Session)
 class scoped_session(_sa_scoped_session[_S]):
     """SQLAlchemy's ``scoped_session``, keyed by a pluggable scope strategy.
 
-    ``scope`` is ``"thread"``, ``"greenlet"``, ``"contextvar"``, ``"token"``,
-    ``"auto"`` (the default) or a :class:`~scoping.ScopeStrategy` object.
-    Passing SQLAlchemy's ``scopefunc`` gives a token strategy over that
-    function, so existing code moves over unchanged. ``guard=True`` makes a
-    Session raise :class:`~scoping.ScopeViolation` when used from a scope
-    that does not own it.
+    Unit of isolation: the strategy's scope. Costs: a proxied call is one
+    strategy lookup and one dict lookup (``python -m stress.bench --only
+    proxy``); creating a Session also watches its scope's end. Lifecycle:
+
+    - *scope ends* without ``remove()`` (thread exits, greenlet or task
+      finishes, is killed or cancelled): its Session is closed by the
+      registry's cleanup (docs/cleanup.md gives the bounds);
+    - *abandoned unit* (a suspended greenlet nobody references): let go and
+      cleaned up like an ended one;
+    - *fork*: the child forgets inherited Sessions without touching them and
+      replaces the pools of the bound engines (:meth:`dispose_engines`);
+    - *thread hop* (``asyncio.to_thread``): under ``"auto"`` or
+      ``"contextvar"`` the call gets its own Session, closed when the call's
+      Context is freed; under ``"thread"``/``"greenlet"`` it shares the
+      executor thread's Session;
+    - *copied context* (``create_task``, ``gr_context = copy_context()``):
+      ``"contextvar"`` gives the child its own Session; with ``"token"`` the
+      child shares its parent's token only while the parent's block is live.
     """
 
     registry: Registry[_S]
@@ -57,6 +75,38 @@ class scoped_session(_sa_scoped_session[_S]):
         scope: str | ScopeStrategy = "auto",
         guard: bool = False,
     ) -> None:
+        """Build the proxy; nothing is bound to a thread, greenlet or loop yet.
+
+        :param session_factory: a :class:`sqlalchemy.orm.sessionmaker` (any
+          callable returning a Session); refused at once when not callable.
+        :param scopefunc: SQLAlchemy's ``scopefunc``. It gives a token strategy
+          over that function (only with ``scope="auto"`` or ``"token"``), so
+          existing code moves over unchanged. It must return a hashable key for
+          every unit of work; ``None`` raises :class:`~scoping.NoScopeToken`.
+        :param scope: ``"thread"``, ``"greenlet"``, ``"contextvar"``,
+          ``"token"``, ``"auto"`` (the default; the names are
+          :data:`scoping.scopes.STRATEGY_NAMES`) or a
+          :class:`~scoping.ScopeStrategy` object. The strategy defines the unit
+          of isolation: see :mod:`scoping.scopes` for the table.
+        :param guard: ``True`` makes every Session raise
+          :class:`~scoping.ScopeViolation` when used from a scope that does not
+          own it (:mod:`scoping.guard`). Must be a bool.
+
+        :raises TypeError: ``session_factory`` or ``scopefunc`` not callable,
+          ``guard`` not a bool, ``scope`` not a name nor a strategy.
+        :raises ValueError: unknown strategy name, or ``scopefunc`` with a
+          strategy other than ``"auto"``/``"token"``.
+        """
+        if not callable(session_factory):
+            raise TypeError(
+                f"session_factory={session_factory!r} is not callable: pass "
+                f"sqlalchemy.orm.sessionmaker(bind=engine)"
+            )
+        if not isinstance(guard, bool):
+            raise TypeError(
+                f"guard= must be True or False, got {guard!r}: guard=True turns the "
+                f"concurrency guard on"
+            )
         self.session_factory = session_factory
         self.strategy = strategy_for(scope, scopefunc)
         self.guard = guard
@@ -65,48 +115,65 @@ class scoped_session(_sa_scoped_session[_S]):
             createfunc = self._create_guarded
         self.registry = Registry(createfunc, self.strategy)
         # Bound once here so that the hot path below is one C-level dict
-        # lookup plus one strategy call.
+        # lookup plus the strategy's key.
         self._sessions = self.registry.registry
-        self._current = self.registry.scopefunc
-        # Two strategies are inlined into the hot paths below, so that a hit
-        # makes no Python call besides the property itself (only for exactly
-        # these classes: a subclass may redefine current()):
-        # - ContextVarScope: the key is the id of the running Context.
-        #   gr_context is None until the greenlet has a Context; id(None) is
-        #   never a key, so that case misses and goes through the strategy,
-        #   which makes the Context.
-        # - AutoScope: outside a running asyncio loop the key is the current
-        #   greenlet; with a loop running, the strategy decides.
+        self._current = self.strategy.current
+        # Each strategy declares its hot-path key (scopes.FastKeyKind):
+        # "exact" and "fast" strategies give a fast_key callable (a C function
+        # for thread and greenlet); two shapes are inlined below so that a
+        # hit makes no Python call besides the property itself:
+        # - "context": the id of the running Context. gr_context is None
+        #   until the greenlet has a Context; id(None) is never a key, so
+        #   that case misses and goes through the strategy, which makes it.
+        # - "task-else-context": the same outside a running asyncio loop;
+        #   with a loop running, the strategy decides.
+        # Declared by the strategy's own class only: a subclass that redefines
+        # current() falls back to calling it ("exact").
+        declared = vars(type(self.strategy))
+        kind = declared.get("fast_key_kind", "exact")
+        self._fast: t.Callable[[], t.Hashable] | None = None
+        self._miss: t.Callable[[t.Hashable], _S] = self.registry._create
         self._inline_getcurrent: t.Callable[[], t.Any] | None = None
         self._inline_running_loop: t.Callable[[], t.Any] | None = None
-        if type(self.strategy) in (ContextVarScope, AutoScope):
-            try:
-                from greenlet import getcurrent
-            except ImportError:  # pragma: no cover - greenlet is a dependency
-                pass  # AutoScope then keys by thread: not inlined
-            else:
-                self._inline_getcurrent = getcurrent
-                if type(self.strategy) is AutoScope:
-                    from asyncio import events
+        if kind in ("context", "task-else-context"):
+            from greenlet import getcurrent
 
-                    self._inline_running_loop = events._get_running_loop
+            self._inline_getcurrent = getcurrent
+            if kind == "task-else-context":
+                from asyncio import events
+
+                self._inline_running_loop = events._get_running_loop
+        else:
+            self._fast = self.strategy.fast_key if "fast_key" in declared else self._current  # type: ignore[attr-defined]
+            if kind == "fast":  # a miss of the fast key: current() decides
+                self._miss = self._registry_miss
         self._depth: dict[t.Hashable, int] = {}
         self._depth_lock: t.Any = None  # made on first scope(), never at import
+        fork._track_owner(self)
 
     @property
     def _proxied(self) -> _S:
+        fast = self._fast
+        if fast is not None:
+            key = fast()  # outside the try: a scopefunc's KeyError propagates
+            try:
+                return self._sessions[key]
+            except KeyError:
+                return self._miss(key)
+            except TypeError:
+                return self.registry()  # raises the unhashable-key error
+        running_loop = self._inline_running_loop
+        if running_loop is None or running_loop() is None:
+            key = id(self._inline_getcurrent().gr_context)  # type: ignore[misc]
+        else:
+            key = self._current()
         try:
-            getcurrent = self._inline_getcurrent
-            if getcurrent is None:
-                return self._sessions[self._current()]
-            running_loop = self._inline_running_loop
-            if running_loop is None:  # contextvar
-                return self._sessions[id(getcurrent().gr_context)]
-            if running_loop() is None:  # auto, outside asyncio
-                return self._sessions[getcurrent()]
-            return self._sessions[self._current()]
-        except (KeyError, TypeError):
-            return self.registry()
+            return self._sessions[key]
+        except KeyError:
+            return self.registry()  # the strategy computes the key (and Context)
+
+    def _registry_miss(self, key: t.Hashable) -> _S:
+        return self.registry()
 
     def __call__(self, **kw: t.Any) -> _S:
         if kw:
@@ -116,18 +183,25 @@ class scoped_session(_sa_scoped_session[_S]):
             return session
         # The body of _proxied, repeated on purpose: Session() is called once
         # or more per request, and a property call here costs 15-20 %.
-        try:
-            getcurrent = self._inline_getcurrent
-            if getcurrent is None:
-                session = self._sessions[self._current()]
-            elif self._inline_running_loop is None:  # contextvar
-                session = self._sessions[id(getcurrent().gr_context)]
-            elif self._inline_running_loop() is None:  # auto, outside asyncio
-                session = self._sessions[getcurrent()]
+        fast = self._fast
+        if fast is not None:
+            key = fast()
+            try:
+                session = self._sessions[key]
+            except KeyError:
+                session = self._miss(key)
+            except TypeError:
+                session = self.registry()
+        else:
+            running_loop = self._inline_running_loop
+            if running_loop is None or running_loop() is None:
+                key = id(self._inline_getcurrent().gr_context)  # type: ignore[misc]
             else:
-                session = self._sessions[self._current()]
-        except (KeyError, TypeError):
-            session = self.registry()
+                key = self._current()
+            try:
+                session = self._sessions[key]
+            except KeyError:
+                session = self.registry()
         if session._is_asyncio:
             return super().__call__()  # SQLAlchemy's own deprecation warning
         return session
@@ -157,22 +231,50 @@ class scoped_session(_sa_scoped_session[_S]):
         The scope is cleared even when ``close()`` raises (including
         ``gevent.Timeout`` and ``GreenletExit``); the error then propagates.
         """
-        session = self.registry.pop_current()
+        session = self.registry._pop_current()
         if session is not None:
             session.close()
+
+    def dispose_engines(self) -> None:
+        """Give every engine the session factory binds a new pool (for a forked child).
+
+        Covers ``bind=`` and every engine in ``binds=``; see
+        :func:`scoping.fork.dispose_engines`, which this calls: the old pools
+        and their connections are kept untouched, nothing is sent on them.
+        Done automatically in every child made by ``os.fork()``; call it
+        yourself only if you replaced the factory's binds after the fork.
+        """
+        fork.dispose_engines(*self._bound_engines())
+
+    def _bound_engines(self) -> list[Engine]:
+        from sqlalchemy.engine import Connection, Engine
+
+        kw = getattr(self.session_factory, "kw", {})
+        candidates = [kw.get("bind"), *dict(kw.get("binds") or {}).values()]
+        engines: list[Engine] = []
+        for bind in candidates:
+            if isinstance(bind, Connection):
+                bind = bind.engine
+            if isinstance(bind, Engine) and all(bind is not e for e in engines):
+                engines.append(bind)
+        return engines
 
     def scope(self, token: t.Hashable | None = None) -> ScopeBlock[_S]:
         """Run a unit of work in a scope; its Session is removed on exit.
 
-        ``with Session.scope() as session:`` hands out the scope's Session. On
-        exit, normal or by any exception (``gevent.Timeout``, a kill), it is
-        closed and forgotten. Nested blocks for the same scope share the
-        Session, and only the outermost one removes it.
+        :param token: for the token strategy, the key to bind for the block
+          (nesting restores the outer token); other strategies take none.
 
-        With the token strategy, ``token`` is bound for the block (nesting
-        restores the outer token) and greenlets that enter the same token
-        share its Session until the last of them exits. Other strategies take
-        no token.
+        ``with Session.scope() as session:`` hands out the scope's Session. On
+        exit, normal or by any exception (``gevent.Timeout``, a kill, a
+        cancel), it is closed and forgotten. Nested blocks for the same scope
+        share the Session, and only the outermost one removes it. Greenlets
+        that enter the same token share its Session until the last of them
+        exits. A task or greenlet that copied the block's context and
+        outlives it cannot make a Session for the token any more
+        (:class:`~scoping.ScopeEnded`). Each ``with`` needs its own
+        ``scope()`` call: entering one object twice raises
+        :class:`~scoping.ScopeReentered`.
         """
         if token is not None and getattr(self.strategy, "bind", None) is None:
             raise TypeError(
@@ -202,7 +304,7 @@ class scoped_session(_sa_scoped_session[_S]):
                 del self._depth[key]
                 # Taken out under the lock so that a greenlet entering the same
                 # token now gets a fresh Session, not one being closed.
-                session = self.registry.discard(key)
+                session = self.registry._discard(key)
         if session is not None:
             session.close()
 
@@ -213,11 +315,16 @@ class scoped_session(_sa_scoped_session[_S]):
         )
 
 
+_IDLE: t.Final = object()
+
+
 class ScopeBlock(t.Generic[_S]):
     """The context manager returned by :meth:`scoped_session.scope`.
 
     A class rather than a generator: entering and leaving cost two method
-    calls, which matters when every request enters one.
+    calls, which matters when every request enters one. One object is one
+    block: entering it again before it exits raises
+    :class:`~scoping.ScopeReentered`.
     """
 
     __slots__ = ("_handle", "_key", "_owner", "_token")
@@ -226,9 +333,15 @@ class ScopeBlock(t.Generic[_S]):
         self._owner = owner
         self._token = token
         self._handle: t.Any = None
-        self._key: t.Hashable = None
+        self._key: t.Hashable = _IDLE
 
     def __enter__(self) -> _S:
+        if self._key is not _IDLE:
+            raise ScopeReentered(
+                "this Session.scope() object is already entered (by this or another "
+                "greenlet, thread or task): call Session.scope() again for each `with` "
+                "block; nested blocks for the same scope share the Session anyway"
+            )
         owner = self._owner
         strategy = owner.strategy
         if self._token is not None:
@@ -242,12 +355,14 @@ class ScopeBlock(t.Generic[_S]):
                 owner._exit(key)
                 raise
         except BaseException:
+            self._key = _IDLE
             self._reset()
             raise
 
     def __exit__(self, *exc_info: object) -> None:
+        key, self._key = self._key, _IDLE
         try:
-            self._owner._exit(self._key)
+            self._owner._exit(key)
         finally:
             self._reset()
 

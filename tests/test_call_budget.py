@@ -30,12 +30,24 @@ ROOT = Path(__file__).resolve().parent.parent
 # call: Session() with a Session present.
 # miss: Session() creating the Session in a new raw greenlet, minus the
 #       session factory's own calls: the registry's and the strategy's share.
+# Changes with the lifecycle work (issue 9), each for a reason:
+# - auto keys by the execution Context outside a running task (item 2:
+#   asyncio.to_thread work never shares a Session), so its hits cost one more
+#   C call (id) and one fewer Python call, and its miss watches the Context as
+#   contextvar does;
+# - a miss in a raw greenlet checks whether the greenlet poller must be woken
+#   (item 8: bounded cleanup when nothing touches the registry): +1 C call
+#   (isinstance) for the greenlet strategy, whose keys are polled;
+# - thread hits call greenlet.getcurrent (C) instead of a Python closure: the
+#   running greenlet is the key, or not a key at all (then current() decides,
+#   which is why its miss makes two more calls);
+# - the token miss lost two calls (the key is computed once).
 BUDGET: dict[str, dict[str, tuple[int, int]]] = {
-    "thread": {"info": (3, 0), "call": (2, 0), "miss": (14, 7)},
-    "greenlet": {"info": (2, 1), "call": (1, 1), "miss": (7, 6)},
+    "thread": {"info": (2, 1), "call": (1, 1), "miss": (13, 7)},
+    "greenlet": {"info": (2, 1), "call": (1, 1), "miss": (7, 7)},
     "contextvar": {"info": (2, 2), "call": (1, 2), "miss": (12, 16)},
-    "token": {"info": (3, 1), "call": (2, 1), "miss": (9, 6)},
-    "auto": {"info": (3, 2), "call": (2, 2), "miss": (9, 8)},
+    "token": {"info": (3, 1), "call": (2, 1), "miss": (7, 6)},
+    "auto": {"info": (2, 3), "call": (1, 3), "miss": (14, 19)},
 }
 # guard=True changes nothing on hit paths. Its miss path installs SQLAlchemy event
 # listeners, whose cost belongs to SQLAlchemy's event system: reported, not budgeted.
@@ -79,12 +91,14 @@ def test_hot_path_stays_within_its_call_budget(
     budget = {**BUDGET, **GUARD_BUDGET}[variant][op]
     measured = _pair(counts[variant][op])
     reference = _pair(counts["sqlalchemy"][op])
-    assert measured[0] <= budget[0] and measured[1] <= budget[1], (
+    message = (
         f"{variant} {op}: {measured[0]} Python + {measured[1]} C calls, budget "
         f"{budget[0]} + {budget[1]} (SQLAlchemy's scoped_session: {reference[0]} + "
         f"{reference[1]}). A call was added to a hot path: remove it, or raise the "
         f"budget in tests/test_call_budget.py and say why"
     )
+    assert measured[0] <= budget[0], message
+    assert measured[1] <= budget[1], message
 
 
 @pytest.mark.parametrize("variant", [*BUDGET, *GUARD_BUDGET])

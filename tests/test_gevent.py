@@ -35,12 +35,15 @@ def run_script(name: str, *args: object, url: str, timeout: float = 240) -> dict
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_concurrent_greenlets_are_isolated(strategy: str, order: str, pg_url: str) -> None:
     r = run_script("gevent_isolation.py", strategy, order, GREENLETS, url=pg_url)
-    assert r["errors"] == [] and r["error_count"] == 0
+    assert r["errors"] == []
+    assert r["error_count"] == 0
     assert r["foreign"] == 0
     assert r["stale"] == 0
-    assert r["tags"] == GREENLETS and r["bad_tags"] == 0
+    assert r["tags"] == GREENLETS
+    assert r["bad_tags"] == 0
     assert r["total_rows"] == GREENLETS * 3
-    assert r["live"] == 0 and r["checked_out"] == 0
+    assert r["live"] == 0
+    assert r["checked_out"] == 0
 
 
 @pytest.mark.postgres
@@ -63,7 +66,8 @@ def test_sqlalchemy_greenlet_registry_keeps_them_all(pg_url: str) -> None:
     assert r["ended"] == 10_000
     assert r["live"] == 10_000  # every dead greenlet's Session is still there
     assert r["checked_out"] == 5  # holding the whole pool
-    assert r["done"] == 5 and r["timeouts"] == 10_000 - 5
+    assert r["done"] == 5
+    assert r["timeouts"] == 10_000 - 5
 
 
 def test_import_is_monkeypatch_safe() -> None:
@@ -98,7 +102,9 @@ def test_import_is_silent_with_warnings_as_errors() -> None:
         text=True,
         timeout=60,
     )
-    assert proc.returncode == 0 and proc.stdout == "" and proc.stderr == ""
+    assert proc.returncode == 0
+    assert proc.stdout == ""
+    assert proc.stderr == ""
 
 
 def test_importing_before_patch_all_adds_no_gevent_warning() -> None:

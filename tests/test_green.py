@@ -80,7 +80,7 @@ def test_patch_is_idempotent_and_reports_who_is_installed() -> None:
     assert out["psycogreen"] == [False, True]
     assert out["replaced"] == [True, True]
     assert out["unpatched"] == [False, True]
-    assert "drain_timeout must be >= 0" in out["negative"]
+    assert "drain_timeout must be a finite number of seconds >= 0" in out["negative"]
 
 
 def _active(engine: sqlalchemy.Engine, tag: str) -> list[int]:

@@ -44,9 +44,11 @@ def test_session_handed_to_threads_is_caught_every_time(
         th = threading.Thread(target=misuse)
         th.start()
         th.join()
-    assert len(caught) == ATTEMPTS and leaked == []
+    assert len(caught) == ATTEMPTS
+    assert leaked == []
     assert "was used (begin)" in caught[0] or "was used (execute)" in caught[0]
-    assert "greenlet" in caught[0] and "call the scoped_session proxy" in caught[0]
+    assert "greenlet" in caught[0]
+    assert "call the scoped_session proxy" in caught[0]
     # The owner itself is not bothered.
     assert S.execute(text("select 1")).scalar() == 1
 
@@ -92,7 +94,8 @@ def test_flush_from_another_scope_is_caught(factory: sessionmaker[Session]) -> N
             errors.append(exc)
 
     greenlet.greenlet(misuse).switch()
-    assert len(errors) == 1 and "(flush)" in str(errors[0])
+    assert len(errors) == 1
+    assert "(flush)" in str(errors[0])
     assert shared.new  # nothing was flushed
 
 
@@ -130,15 +133,28 @@ def test_guard_with_call_kwargs(factory: sessionmaker[Session]) -> None:
     assert caught == [1]
 
 
-def test_shared_token_touched_concurrently_is_caught(factory: sessionmaker[Session]) -> None:
+class _Base(DeclarativeBase):
+    pass
+
+
+class Row(_Base):
+    __tablename__ = "guard_rows"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+
+
+def test_shared_token_touched_while_another_has_writes_is_caught(
+    factory: sessionmaker[Session],
+) -> None:
+    _Base.metadata.create_all(factory.kw["bind"])
     S = scoping.scoped_session(factory, scope="token", guard=True)
     main = greenlet.getcurrent()
     caught: list[str] = []
 
     def first() -> None:
         with S.scope("shared"):
-            S.execute(text("select 1"))  # opens a transaction
-            main.switch()  # ... and is still in it while the other runs
+            S.add(Row())
+            S.flush()  # a transaction with writes
+            main.switch()  # ... still open while the other runs
             S.commit()
 
     def second() -> None:
@@ -152,7 +168,8 @@ def test_shared_token_touched_concurrently_is_caught(factory: sessionmaker[Sessi
     a.switch()
     greenlet.greenlet(second).switch()
     a.switch()
-    assert len(caught) == 1 and "has a transaction open" in caught[0]
+    assert len(caught) == 1
+    assert "has a transaction open on it with writes" in caught[0]
 
     # Taking turns is allowed: commit, then the other greenlet goes.
     def turn() -> None:

@@ -34,19 +34,24 @@ def in_scope(S: scoping.scoped_session[Session], token: str = "t") -> t.ContextM
 def test_registry_contract(strategy: str, factory: sessionmaker[Session]) -> None:
     S = scoping.scoped_session(factory, scope=strategy)
     reg = S.registry
-    assert isinstance(reg, Registry) and isinstance(reg, ScopedRegistry)
+    assert isinstance(reg, Registry)
+    assert isinstance(reg, ScopedRegistry)
     assert S.strategy is reg.strategy
     with in_scope(S) as session:
-        assert reg.has() and reg() is session  # scope() hands out the Session
+        assert reg.has()
+        assert reg() is session
         reg.clear()
         assert not reg.has()
         first = reg()
-        assert reg.has() and reg() is first and len(reg) == 1
+        assert reg.has()
+        assert reg() is first
+        assert len(reg) == 1
         other = factory()
         reg.set(other)
         assert reg() is other
         reg.clear()
-        assert not reg.has() and len(reg) == 0
+        assert not reg.has()
+        assert len(reg) == 0
         reg.clear()  # clearing an empty scope is fine
 
 
@@ -66,19 +71,30 @@ def test_scope_removes_on_exit_also_on_error(strategy: str, factory: sessionmake
     class Boom(BaseException):  # like gevent.Timeout or GreenletExit
         pass
 
-    with pytest.raises(Boom), in_scope(S) as session:
-        session.execute(text("select 1"))
-        raise Boom
-    assert not session.in_transaction() and len(S.registry) == 0
+    used: list[Session] = []
+
+    def fail_inside() -> None:
+        with in_scope(S) as session:
+            used.append(session)
+            session.execute(text("select 1"))
+            raise Boom
+
+    with pytest.raises(Boom):
+        fail_inside()
+    session = used[0]
+    assert not session.in_transaction()
+    assert len(S.registry) == 0
 
 
 def test_token_scope_binds_and_restores(factory: sessionmaker[Session]) -> None:
     S = scoping.scoped_session(factory, scope="token")
     with S.scope("outer") as outer:
         with S.scope("inner") as inner:
-            assert inner is not outer and S() is inner
+            assert inner is not outer
+            assert S() is inner
             assert len(S.registry) == 2
-        assert S() is outer and len(S.registry) == 1
+        assert S() is outer
+        assert len(S.registry) == 1
     assert len(S.registry) == 0
     with pytest.raises(scoping.NoScopeToken, match=r"Session\.scope\(token\)"):
         S()
@@ -97,7 +113,8 @@ def test_token_shared_by_greenlets_is_removed_by_the_last(factory: sessionmaker[
     a, b = greenlet.greenlet(worker), greenlet.greenlet(worker)
     a.switch()
     b.switch()
-    assert seen[0] is seen[1] and len(S.registry) == 1
+    assert seen[0] is seen[1]
+    assert len(S.registry) == 1
     a.switch()  # a leaves: b is still inside, the Session stays
     assert len(S.registry) == 1
     b.switch()
@@ -110,7 +127,8 @@ def test_many_tokens_leave_nothing_behind(factory: sessionmaker[Session]) -> Non
         with S.scope(request_id):
             S.info["seen"] = True
     assert len(S.registry) == 0
-    assert S.registry._watched == {} and S._depth == {}
+    assert S.registry._watched == {}
+    assert S._depth == {}
 
 
 def test_scopefunc_gives_token_strategy(factory: sessionmaker[Session]) -> None:
@@ -188,7 +206,8 @@ def test_remove_clears_even_when_close_raises(strategy: str) -> None:
     first = S()
     with pytest.raises(KeyboardInterrupt):
         S.remove()
-    assert not S.registry.has() and S() is not first
+    assert not S.registry.has()
+    assert S() is not first
 
     # SQLAlchemy's own remove() leaves the Session behind in the same situation.
     from sqlalchemy.orm import scoped_session as sa_scoped_session
@@ -219,7 +238,8 @@ def test_close_all_closes_everything_and_raises_first_error(factory: sessionmake
     assert len(S.registry) == 5
     with pytest.raises(RuntimeError, match="first close failed"):
         S.registry.close_all()
-    assert len(closed) == 5 and len(S.registry) == 0
+    assert len(closed) == 5
+    assert len(S.registry) == 0
 
 
 def test_collect_failures_are_logged_not_raised(
@@ -252,7 +272,8 @@ def test_custom_strategy(factory: sessionmaker[Session]) -> None:
     S = scoping.scoped_session(factory, scope=strategy)
     first = S()
     strategy.request_id = "r2"
-    assert S() is not first and len(S.registry) == 2
+    assert S() is not first
+    assert len(S.registry) == 2
     assert "request" in repr(S)
 
 
