@@ -167,7 +167,8 @@ def on_thread_exit(callback: t.Callable[[], None]) -> None:
                 try:
                     cb()
                 except Exception:  # pragma: no cover - callbacks only queue work
-                    sys.unraisablehook(t.cast(t.Any, _Unraisable(sys.exc_info()[1], cb)))
+                    exc = sys.exc_info()[1]
+                    sys.unraisablehook(t.cast(t.Any, _Unraisable(exc, cb, "thread-exit callback")))
 
         _thread_refs.add(weakref.ref(marker, thread_exited))
     callbacks.append(callback)
@@ -182,9 +183,11 @@ def thread_exit_callbacks() -> int:
 class _Unraisable:
     __slots__ = ("err_msg", "exc_traceback", "exc_type", "exc_value", "object")
 
-    def __init__(self, exc: BaseException | None, obj: object) -> None:
+    """The argument ``sys.unraisablehook`` expects, for errors in scoping's callbacks."""
+
+    def __init__(self, exc: BaseException | None, obj: object, where: str) -> None:
         self.exc_type = type(exc)
         self.exc_value = exc
         self.exc_traceback = exc.__traceback__ if exc is not None else None
-        self.err_msg = "Exception ignored in a scoping thread-exit callback"
+        self.err_msg = f"Exception ignored in scoping's {where}"
         self.object = obj

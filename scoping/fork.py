@@ -8,10 +8,12 @@ built.
 
 In the child, the inherited Sessions and pooled connections are *the
 parent's*: their sockets are the parent's sockets. Anything sent on them (a
-ROLLBACK from ``Session.close()``, the Terminate message libpq sends when a
-psycopg2 connection is freed) reaches the parent's server backend, and the
-parent's transaction silently loses its work or its connection. So, in the
-child:
+ROLLBACK from ``Session.close()``, a driver's goodbye when a connection is
+closed) reaches the parent's server backend, and the parent's transaction
+silently loses its work or its connection. (Merely freeing an inherited
+psycopg2 2.9 connection sends nothing: libpq remembers the pid that opened
+it, measured in ``tests/test_fork.py``; other drivers make no such promise.)
+So, in the child:
 
 - every registry forgets every Session it inherited (live or queued for
   closing) without closing, rolling back or freeing it: they are kept,
@@ -85,14 +87,15 @@ def dispose_engines(*engines: Engine) -> None:
 
     This is ``engine.dispose(close=False)`` (SQLAlchemy's advice for a forked
     child), plus one thing it does not do: the old pool, and with it every
-    idle pooled connection, is kept in :data:`quarantine`. Without that the
-    old connections are freed, and libpq (psycopg2) sends Terminate on each
-    one: the parent's server backend ends and the parent's next statement
-    fails. Call it in a child before using an engine that the parent had
-    connected; :class:`scoping.scoped_session` does it by itself, in every
-    forked child, for the engines its session factory binds
-    (see :meth:`scoping.scoped_session.dispose_engines`). In the parent it
-    is harmless but pointless: use ``engine.dispose()`` there. No I/O.
+    idle pooled connection, is kept in :data:`quarantine`, so nothing in the
+    child ever closes or frees the parent's connections, whatever a driver
+    does when a connection is freed (psycopg2 2.9 sends nothing then; other
+    drivers may say goodbye on the parent's socket). Call it in a child
+    before using an engine that the parent had connected;
+    :class:`scoping.scoped_session` does it by itself, in every forked child,
+    for the engines its session factory binds (see
+    :meth:`scoping.scoped_session.dispose_engines`). In the parent it is
+    harmless but pointless: use ``engine.dispose()`` there. No I/O.
     """
     for engine in engines:
         quarantine.append(engine.pool)
@@ -134,15 +137,6 @@ def _after_in_child() -> None:
     except Exception as exc:  # pragma: no cover - nothing above raises
         import sys
 
-        sys.unraisablehook(t.cast(t.Any, _Unraisable(exc)))
+        from ._units import _Unraisable
 
-
-class _Unraisable:
-    __slots__ = ("err_msg", "exc_traceback", "exc_type", "exc_value", "object")
-
-    def __init__(self, exc: BaseException) -> None:
-        self.exc_type = type(exc)
-        self.exc_value = exc
-        self.exc_traceback = exc.__traceback__
-        self.err_msg = "Exception ignored in scoping's after-fork hook"
-        self.object = None
+        sys.unraisablehook(t.cast(t.Any, _Unraisable(exc, None, "after-fork hook")))
