@@ -1,4 +1,4 @@
-"""``python -m stress``: see :mod:`stress.cli`."""
+"""``python -m stress``: see :mod:`stress.cli`. Run it from the repository checkout."""
 
 from __future__ import annotations
 
@@ -7,9 +7,4 @@ import sys
 from .cli import main
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        # The running cell was killed and the database dropped on the way out.
-        print("stress: interrupted", file=sys.stderr)
-        sys.exit(130)
+    sys.exit(main())

@@ -24,6 +24,9 @@ import typing as t
 from sqlalchemy import BigInteger, Integer, String, Text, select, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
+if t.TYPE_CHECKING:
+    import contextvars
+
 from .detectors import (
     ERROR,
     FAILED,
@@ -115,10 +118,16 @@ class Setup(t.Protocol):
 
 @dataclasses.dataclass
 class SAScoped:
-    """SQLAlchemy's own ``scoped_session`` (the naive baselines)."""
+    """SQLAlchemy's own ``scoped_session`` (the naive baselines).
+
+    With ``token_var`` (a registry keyed by ``token_var.get``), :meth:`scope`
+    sets the token for the block and resets it on exit, as a hand-written
+    token middleware does.
+    """
 
     name: str
     proxy: t.Any  # sqlalchemy.orm.scoped_session
+    token_var: contextvars.ContextVar[str] | None = None
 
     def session(self) -> Session:
         return t.cast(Session, self.proxy())
@@ -127,13 +136,24 @@ class SAScoped:
         self.proxy.remove()
 
     def scope(self, rid: str) -> t.ContextManager[t.Any]:
-        return contextlib.nullcontext()
+        if self.token_var is None:
+            return contextlib.nullcontext()
+        return _token_block(self.token_var, rid)
 
     def registry_size(self) -> int | None:
         reg = getattr(self.proxy.registry, "registry", None)
         # ScopedRegistry keeps a dict we can count; ThreadLocalRegistry's
         # thread-local (a gevent local after patching) cannot be counted.
         return len(reg) if isinstance(reg, dict) else None
+
+
+@contextlib.contextmanager
+def _token_block(var: contextvars.ContextVar[str], token: str) -> t.Iterator[None]:
+    reset = var.set(token)
+    try:
+        yield
+    finally:
+        var.reset(reset)
 
 
 @dataclasses.dataclass
@@ -213,6 +233,11 @@ class App:
     hooks: Hooks
     rows: int = 3
     forget_on_error: bool = False
+    #: False: the request never calls remove() itself (middleware does, elsewhere).
+    removes: bool = True
+    #: Called inside the request's scope block, after its remove(): where a
+    #: request starts background work (the orphan-task scenario).
+    in_block: t.Callable[[Record], None] | None = None
 
 
 def _error(rec: Record, exc: BaseException) -> None:
@@ -268,17 +293,18 @@ def unit_of_work(app: App, rec: Record) -> None:
     _ = objs[0].id  # like rendering a response: refreshes, opens a new transaction
 
 
-def handle(app: App, rid: str, plan: str = P_OK) -> Record:
+def handle(app: App, rid: str, plan: str = P_OK, token: str | None = None) -> Record:
     """Run one request the way a typical app does: remove() in ``finally``.
 
     With ``forget_on_error`` the app calls remove() on its success path only;
-    the ``forget`` plan never calls it.
+    the ``forget`` plan never calls it. The request runs in ``setup.scope(token)``
+    (its own id by default).
     """
     rec = Record(rid=rid, plan=plan, rows=app.rows)
     t0 = time.perf_counter()
-    remove = plan != P_FORGET
+    remove = plan != P_FORGET and app.removes
     try:
-        with app.setup.scope(rid):
+        with app.setup.scope(token or rid):
             try:
                 unit_of_work(app, rec)
                 rec.outcome = OK
@@ -304,6 +330,8 @@ def handle(app: App, rid: str, plan: str = P_OK) -> Record:
                         app.setup.remove()
                     except Exception as exc:
                         _error(rec, exc)
+            if app.in_block is not None:
+                app.in_block(rec)
     except Exception as exc:  # leaving the scope failed
         _error(rec, exc)
     rec.latency = time.perf_counter() - t0

@@ -18,6 +18,7 @@ from sqlalchemy.pool import NullPool
 from . import app as appmod
 from .detectors import DbAudit, audit_rows, judge, summarize
 from .runner import run_cell
+from .runtimes import RUNTIMES
 from .scenarios import BASELINE, SCENARIOS, Scenario, not_applicable
 
 
@@ -52,8 +53,9 @@ def cell_mix(scenario: Scenario, opts: Options) -> dict[str, float]:
     }
     if opts.mix:
         mix.update({k: v for k, v in opts.mix.items() if v is not None})
-    if scenario.runtime == "raw-greenlet":
-        mix["timeout"] = mix["kill"] = 0.0  # no gevent there to interrupt anything
+    for kind in ("timeout", "kill"):
+        if kind not in RUNTIMES[scenario.runtime].interrupts:
+            mix[kind] = 0.0  # the runtime has no way to deliver it
     return mix
 
 
@@ -111,11 +113,13 @@ def run_one(
     setup: str,
     opts: Options,
     *,
-    run_id: str,
-    index: int,
-    on_progress: t.Callable[[int], None] = lambda n: None,
+    cell_id: str,
 ) -> dict[str, t.Any]:
-    """Run and judge one cell; return its JSON-ready result."""
+    """Run and judge one cell; return its JSON-ready result.
+
+    ``cell_id`` (``<run id>_<index>``) names the cell's table and its
+    ``application_name``.
+    """
     kind = "baseline" if setup == BASELINE else "strategy"
     cell: dict[str, t.Any] = {
         "scenario": scenario.name,
@@ -129,8 +133,8 @@ def run_one(
     if reason:
         cell.update(status="n/a", ok=None, reason=reason, metrics={})
         return cell
-    table = f"stress_rows_{run_id}_{index}"
-    tag = f"stress-{run_id}-{index}"
+    table = f"stress_rows_{cell_id}"
+    tag = f"stress-{cell_id}"
     mix = cell_mix(scenario, opts)
     config = {
         "url": target.url,
@@ -141,7 +145,7 @@ def run_one(
         "setup": setup,
         "runtime": scenario.runtime,
         "late_build": scenario.late_build,
-        "forget_on_error": scenario.forget_on_error,
+        "stall": opts.stall,
         "requests": opts.requests,
         "duration": opts.duration,
         "concurrency": opts.concurrency,
@@ -156,7 +160,7 @@ def run_one(
     }
     target.create(table)
     try:
-        run = run_cell(config, stall=opts.stall, deadline=opts.deadline, on_progress=on_progress)
+        run = run_cell(config, stall=opts.stall, deadline=opts.deadline)
         target.end_leftovers(tag)
         records = {rec.rid: rec for rec in run.records}
         audit: DbAudit | None = audit_rows(target.groups(table), records)
@@ -171,7 +175,16 @@ def run_one(
     crashed = not run.hang and run.probe is None
     metrics["crash"] = 1 if crashed else 0
     ok, why = judge(kind, scenario.targets, metrics)
-    if run.hang:
+    refused = server_refused(metrics)
+    if refused:
+        # Not a scoping result: the pool cannot exceed its size (max_overflow=0),
+        # so the server ran out of connections for others' sake.
+        ok, status = False, "SERVER"
+        why = (
+            f"the server refused {refused} connections (too many clients): not a scoping "
+            "result; rerun with a lower --concurrency or when the server is quieter"
+        )
+    elif run.hang:
         status = "HANG"
     elif crashed:
         status = "CRASH"
@@ -190,6 +203,8 @@ def run_one(
         table=table,
         application_name=tag,
     )
+    if run.notes:
+        cell["notes"] = run.notes
     if run.hang:
         cell["hang_reason"] = run.hang_reason
         cell["stack"] = run.stack
@@ -197,6 +212,14 @@ def run_one(
         cell["stderr_tail"] = run.stderr_tail
         cell["returncode"] = run.returncode
     return cell
+
+
+def server_refused(metrics: t.Mapping[str, t.Any]) -> int:
+    """Requests that failed because the server had no connection slot left."""
+    samples = metrics.get("error_samples") or {}
+    if "too many clients" not in str(samples.get("OperationalError", "")):
+        return 0
+    return int((metrics.get("errors_by_class") or {}).get("OperationalError", 0))
 
 
 def new_run_id() -> str:

@@ -1,4 +1,4 @@
-"""Results: the rich table, the JSON document and the verdict."""
+"""Results: the 80-column text report, the JSON document, the Markdown table, the verdict."""
 
 from __future__ import annotations
 
@@ -8,11 +8,8 @@ import json
 import os
 import platform
 import sys
+import textwrap
 import typing as t
-
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
 
 PACKAGES = ("sqlalchemy", "gevent", "greenlet", "psycopg2-binary", "psycogreen", "scoping")
 
@@ -47,12 +44,20 @@ def environment() -> dict[str, t.Any]:
 
 def verdict(cells: t.Sequence[t.Mapping[str, t.Any]]) -> tuple[bool, str]:
     """Exit criterion: every strategy clean and every baseline showing its hazard."""
-    bad_strategies = [c for c in cells if c["kind"] == "strategy" and c["ok"] is False]
-    missed = [c for c in cells if c["kind"] == "baseline" and c["ok"] is False]
+    server = [c for c in cells if c["status"] == "SERVER"]
+    failed = [c for c in cells if c["ok"] is False and c["status"] != "SERVER"]
+    bad_strategies = [c for c in failed if c["kind"] == "strategy"]
+    missed = [c for c in failed if c["kind"] == "baseline"]
     ran = [c for c in cells if c["ok"] is not None]
     if not ran:
         return False, "FAIL: no cell ran (every selected cell is not applicable)"
     parts = []
+    if server:
+        parts.append(
+            "the server refused connections (too many clients; not a scoping result, rerun "
+            "with a lower --concurrency or on a quieter server): "
+            + ", ".join(f"{c['scenario']}/{c['setup']}" for c in server)
+        )
     if bad_strategies:
         parts.append(
             "strategies with anomalies: "
@@ -68,8 +73,8 @@ def verdict(cells: t.Sequence[t.Mapping[str, t.Any]]) -> tuple[bool, str]:
     n_strat = sum(1 for c in ran if c["kind"] == "strategy")
     n_base = sum(1 for c in ran if c["kind"] == "baseline")
     return True, (
-        f"OK: {n_base} baselines reproduced their hazard, {n_strat} strategy cells "
-        f"showed zero anomalies"
+        f"OK: {n_base} baselines reproduced their hazard; {n_strat} strategy cells "
+        f"had zero anomalies"
     )
 
 
@@ -79,14 +84,13 @@ def document(
     options: dict[str, t.Any],
     database: dict[str, t.Any],
     notes: list[str],
-    argv: list[str],
     started: datetime.datetime,
-    elapsed: float,
 ) -> dict[str, t.Any]:
+    """The JSON document of a run. It holds no argv and no URL but the masked one."""
     ok, reason = verdict(cells)
+    elapsed = (datetime.datetime.now(datetime.timezone.utc) - started).total_seconds()
     return {
         "tool": "python -m stress",
-        "argv": argv,
         "started": started.isoformat(timespec="seconds"),
         "elapsed_s": round(elapsed, 1),
         "environment": environment(),
@@ -104,129 +108,121 @@ def write_json(path: str, doc: dict[str, t.Any]) -> None:
         f.write("\n")
 
 
-def _n(value: t.Any) -> str:
-    return "-" if value is None else str(value)
+_T = t.TypeVar("_T")
 
 
-def _count(value: t.Any, expected_bad: bool) -> Text:
-    """A count cell: zero is quiet, non-zero is red for a strategy, yellow for a baseline."""
-    if value is None:
-        return Text("-", style="dim")
-    if value == 0:
-        return Text("0", style="dim")
-    return Text(str(value), style="bold yellow" if expected_bad else "bold red")
+def scrub(obj: _T, url: str) -> _T:
+    """``obj`` (strings, lists, dicts) with every secret of ``url`` masked.
+
+    What a cell sends back (error samples, a stack, the tail of its stderr) may
+    quote its connection string; nothing leaves the harness unmasked. Strings go
+    through :func:`stress.postgres.scrub`, the PostgreSQL layer's masking.
+    """
+    if not url.startswith("postgres"):
+        return obj  # SQLite: nothing secret in a file path
+    from .postgres import scrub as scrub_text
+
+    def clean(value: t.Any) -> t.Any:
+        if isinstance(value, str):
+            return scrub_text(value, url)
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [clean(v) for v in value]
+        return value
+
+    return t.cast(_T, clean(obj))
 
 
-def _status(cell: t.Mapping[str, t.Any]) -> Text:
+# --------------------------------------------------------------------- the text report
+
+#: One short code per cell (the notes underneath say why).
+CODES = {
+    "clean": "ok",
+    "hazard": "yes",
+    "HANG": "HANG",
+    "ANOMALY": "BAD",
+    "MISSED": "MISS",
+    "CRASH": "CRASH",
+    "SERVER": "SRV",
+    "n/a": "n/a",
+}
+
+LEGEND = (
+    "baseline: yes = the naive setup showed its hazard, HANG = it deadlocked (the "
+    "hazard too), MISS = it did not (a harness failure). Strategies: ok = zero "
+    "anomalies, BAD = anomalies, HANG, CRASH; n/a = not a fix for that hazard. SRV = "
+    "the server refused connections (its max_connections, not a scoping result). "
+    "Every count of every cell: --json PATH, then python -m stress.report PATH."
+)
+
+
+def _note(cell: t.Mapping[str, t.Any]) -> str | None:
+    """Why a cell is what it is, when that is worth a line under the table."""
     status = cell["status"]
-    styles = {
-        "clean": "bold green",
-        "hazard": "bold yellow",
-        "HANG": "bold yellow" if cell["kind"] == "baseline" else "bold white on red",
-        "ANOMALY": "bold white on red",
-        "MISSED": "bold white on red",
-        "CRASH": "bold white on red",
-        "n/a": "dim",
-    }
-    label = {"clean": "clean", "hazard": "hazard ✓", "HANG": "HANG"}.get(status, status)
-    if status == "HANG" and cell["kind"] == "baseline":
-        label = "HANG ✓"
-    return Text(label, style=styles.get(status, ""))
+    if status == "clean":
+        return None
+    if status == "n/a":
+        return str(cell["reason"])
+    reason = str(cell["reason"])
+    if status == "HANG":
+        reason = (cell.get("hang_reason") or "hang") + "; " + reason
+    elif status == "CRASH":
+        reason = "cell crashed (stderr_tail in --json); " + reason
+    errors = (cell.get("metrics") or {}).get("errors_by_class") or {}
+    if errors:
+        reason += "; errors: " + ", ".join(f"{k} {v}" for k, v in errors.items())
+    return reason
 
 
-def table(cells: t.Sequence[t.Mapping[str, t.Any]], title: str) -> Table:
-    tab = Table(title=title, header_style="bold", show_lines=False, pad_edge=False)
-    for name, justify in (
-        ("scenario", "left"),
-        ("setup", "left"),
-        ("result", "left"),
-        ("ok/fail/err", "right"),
-        ("stale", "right"),
-        ("leaks", "right"),
-        ("db x/f", "right"),
-        ("lost/dup", "right"),
-        ("reg", "right"),
-        ("out", "right"),
-        ("linger", "right"),
-        ("req/s", "right"),
-        ("p50/p99 ms", "right"),
-        ("errors by class / note", "left"),
-    ):
-        wrap = name == "errors by class / note"
-        tab.add_column(name, justify=t.cast(t.Any, justify), no_wrap=not wrap, overflow="fold")
-    last = None
-    for c in cells:
-        if last is not None and c["scenario"] != last:
-            tab.add_section()
-        last = c["scenario"]
-        base = c["kind"] == "baseline"
-        m = c.get("metrics") or {}
-        if c["status"] == "n/a":
-            tab.add_row(
-                c["scenario"],
-                c["setup"],
-                _status(c),
-                *([Text("")] * 10),
-                Text("n/a: " + c["reason"], style="dim"),
-            )
-            continue
-        oc = m.get("outcomes", {})
-        planned = oc.get("failed", 0) + oc.get("timeout", 0) + oc.get("killed", 0)
-        ofe = f"{oc.get('ok', 0)}/{planned}/"
-        errs = m.get("errors", 0)
-        ofe_t = Text(ofe)
-        ofe_t.append(str(errs), style=("bold yellow" if base else "bold red") if errs else "")
-        dbx = Text()
-        dbx.append_text(_count(m.get("db_cross"), base))
-        dbx.append("/")
-        dbx.append_text(_count(m.get("db_failed"), base))
-        lost = Text()
-        lost.append_text(_count(m.get("lost"), base))
-        lost.append("/")
-        lost.append_text(_count(m.get("dup"), base))
-        note = ", ".join(f"{k} {v}" for k, v in (m.get("errors_by_class") or {}).items())
-        if c["status"] == "HANG":
-            note = (c.get("hang_reason") or "hang") + ("; " + note if note else "")
-        elif c["status"] == "CRASH":
-            note = "cell crashed; see JSON stderr_tail"
-        tab.add_row(
-            c["scenario"],
-            c["setup"],
-            _status(c),
-            ofe_t,
-            _count(m.get("stale"), base),
-            _count(m.get("leaks"), base),
-            dbx,
-            lost,
-            _count(m.get("registry"), base),
-            _count(m.get("checkedout"), base),
-            _count(m.get("lingering"), base),
-            _n(m.get("throughput")),
-            f"{_n(m.get('p50_ms'))}/{_n(m.get('p99_ms'))}",
-            Text(note, style="yellow" if base else "red") if note else Text(""),
-        )
-    return tab
+def _wrap(text: str, width: int, first: str, rest: str) -> list[str]:
+    return textwrap.wrap(
+        text, width, initial_indent=first, subsequent_indent=rest, break_on_hyphens=False
+    )
 
 
-def print_report(
-    console: Console, cells: t.Sequence[t.Mapping[str, t.Any]], doc: t.Mapping[str, t.Any]
-) -> None:
+def render(doc: t.Mapping[str, t.Any], *, width: int = 80) -> str:
+    """The results as text no wider than ``width``: one row per scenario, one short
+    code per setup (baseline first, then the strategies), the reasons underneath."""
+    cells = doc["cells"]
+    setups = list(dict.fromkeys(c["setup"] for c in cells))
+    scenarios = list(dict.fromkeys(c["scenario"] for c in cells))
+    by = {(c["scenario"], c["setup"]): c for c in cells}  # (scenario, setup) -> cell
+    first = max(len("scenario"), *(len(s) for s in scenarios))
+    widths = [max(len(s), 9) for s in setups]  # "CRASH[12]" fits
+    head = f"{'scenario':<{first}}  " + " ".join(
+        f"{s:<{w}}" for s, w in zip(setups, widths, strict=True)
+    )
     db = doc["database"]
     title = (
         f"scoping stress: {db.get('masked_url')} "
         f"({db.get('server_version') or db.get('dialect')}), seed {doc['options']['seed']}"
     )
-    console.print(table(cells, title))
-    console.print(
-        "[dim]baseline rows: yellow counts are the hazard the scenario targets (✓ = reproduced); "
-        "strategy rows: any red count is an anomaly. leaks = requests that saw another "
-        "request's objects; db x/failed = rows committed by another request / rows of "
-        "requests that never committed; registry, pool out = Sessions and connections left "
-        "at the end; linger = statements still running on the server after their request "
-        "ended.[/dim]"
-    )
+    lines = [_clip(title, width), "", _clip(head.rstrip(), width)]
+    lines.append("-" * min(width, len(lines[-1])))
+    notes: dict[str, int] = {}
+    for scenario in scenarios:
+        parts = []
+        for setup, w in zip(setups, widths, strict=True):
+            c = by.get((scenario, setup))
+            code = "" if c is None else CODES.get(c["status"], c["status"])
+            why = None if c is None else _note(c)
+            if c is not None and why is not None:
+                key = why if c["status"] == "n/a" else f"{scenario} / {setup}: {why}"
+                code += f"[{notes.setdefault(key, len(notes) + 1)}]"
+            parts.append(f"{code:<{w}}")
+        lines.append(_clip(f"{scenario:<{first}}  " + " ".join(parts).rstrip(), width))
+    lines.append("")
+    for text, n in notes.items():
+        lines += _wrap(text, width, f"[{n}] ", " " * (len(str(n)) + 3))
+    lines += ["", *_wrap(LEGEND, width, "", "")]
     for note in doc.get("notes", []):
-        console.print(f"[yellow]note:[/yellow] {note}")
+        lines += _wrap(note, width, "note: ", "      ")
+    return "\n".join(lines)
+
+
+def _clip(line: str, width: int) -> str:
+    return line if len(line) <= width else line[: width - 1] + "…"
 
 
 def _md_count(value: t.Any) -> str:

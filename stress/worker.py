@@ -1,15 +1,19 @@
-"""One cell, run inside its own subprocess: ``python -m stress.worker CONFIG_JSON``.
+"""One cell, run inside its own subprocess: ``python -m stress.worker`` with its
+configuration as one JSON object on **stdin** (never in argv: the URL may hold a
+password, and every local user can read a process's argv).
 
-It builds the cell's runtime (gevent patched fully, ``patch_all(thread=False)``,
-or raw greenlets), its registry (a naive baseline or a scoping strategy), runs
-the requests and writes one JSON object per line on stdout: ``ready``, one
-``req`` per finished request (so a hang still leaves every finished record
-behind) and ``done`` with the end-of-cell probe. It never decides whether
-anything is a hang: the runner watches it from outside.
+It builds the cell's runtime (its scenario names it), the registry (the
+scenario's naive baseline or a scoping strategy), serves the requests and writes
+one JSON object per line on stdout: ``ready``, one ``req`` per finished request
+(so a hang still leaves every finished record behind) and ``done`` with the
+end-of-cell probe. It never decides whether anything is a hang: the runner
+watches it from outside.
 """
 
 from __future__ import annotations
 
+import contextvars
+import dataclasses
 import faulthandler
 import json
 import os
@@ -18,46 +22,14 @@ import sys
 import time
 import typing as t
 
-_out = sys.stdout
+# Only modules that import neither SQLAlchemy nor gevent: the cell patches first
+# (unless its scenario builds the app before patching), then imports the rest.
+from .runtimes import RUNTIMES, Cell, emit
 
-
-def emit(event: str, **data: t.Any) -> None:
-    _out.write(json.dumps({"ev": event, **data}) + "\n")
-    _out.flush()
-
-
-def _patch(runtime: str) -> None:
-    if runtime == "gevent":
-        from gevent import monkey
-
-        monkey.patch_all()
-    elif runtime == "gevent-nothread":
-        from gevent import monkey
-
-        monkey.patch_all(thread=False)
-
-
-def _cooperative_psycopg2(runtime: str, setup: str, loop: t.Any) -> str:
-    """Install a psycopg2 wait callback; return which one."""
-    if runtime == "raw-greenlet":
-        import psycopg2.extensions
-
-        from .greenloop import wait_callback
-
-        psycopg2.extensions.set_wait_callback(wait_callback(loop))
-        return "stress.greenloop"
-    if setup != "baseline":
-        try:
-            from scoping import green
-        except ImportError:
-            pass
-        else:
-            green.patch_psycopg2()
-            return "scoping.green"
-    from psycogreen.gevent import patch_psycopg
-
-    patch_psycopg()
-    return "psycogreen"
+if t.TYPE_CHECKING:
+    from .app import Setup
+    from .runtimes import Runtime
+    from .scenarios import Scenario
 
 
 def _engine(cfg: dict[str, t.Any]) -> t.Any:
@@ -75,276 +47,158 @@ def _engine(cfg: dict[str, t.Any]) -> t.Any:
     return create_engine(cfg["url"], **kw)
 
 
-def _build_setup(cfg: dict[str, t.Any], engine: t.Any, token_var: t.Any) -> t.Any:
+def _build_async(
+    cfg: dict[str, t.Any], scenario: Scenario, token_var: contextvars.ContextVar[str]
+) -> tuple[t.Any, t.Any]:
+    """An AsyncEngine on asyncpg and the async setup of the cell."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+
+    from .aioapp import AsyncScoped
+    from .scenarios import BASELINE
+
+    url = make_url(cfg["url"]).set(drivername="postgresql+asyncpg")
+    engine = create_async_engine(
+        url,
+        pool_size=cfg["pool_size"],
+        max_overflow=0,
+        pool_timeout=cfg["pool_timeout"],
+        connect_args={"server_settings": {"application_name": cfg["tag"]}},
+    )
+    factory = async_sessionmaker(engine, expire_on_commit=True)
+    if cfg["setup"] == BASELINE:
+        return engine, scenario.naive(factory, token_var)  # type: ignore[arg-type]
+    from scoping.asyncio import async_scoped_session
+
+    return engine, AsyncScoped(cfg["setup"], async_scoped_session(factory, scope=cfg["setup"]))
+
+
+def _build(
+    cfg: dict[str, t.Any], scenario: Scenario, token_var: contextvars.ContextVar[str]
+) -> tuple[t.Any, Setup]:
+    """The engine and the setup (baseline or strategy) of the cell."""
     from sqlalchemy.orm import sessionmaker
 
-    from .app import SAScoped, Scoped
+    from .app import Scoped
+    from .scenarios import BASELINE
 
+    engine = _engine(cfg)
     factory = sessionmaker(bind=engine)
     name = cfg["setup"]
-    scenario = cfg["scenario"]
-    if name != "baseline":
+    if name == BASELINE:
+        setup = scenario.naive(factory, token_var)
+    else:
         import scoping
 
-        return Scoped(name, scoping.scoped_session(factory, scope=name))
-    from sqlalchemy.orm import scoped_session
-
-    if scenario == "ident-reuse":
-        import threading
-
-        # Looked up after patch_all(): gevent's get_ident, id(getcurrent()).
-        return SAScoped(name, scoped_session(factory, scopefunc=threading.get_ident))
-    if scenario == "no-remove":
-        import greenlet
-
-        return SAScoped(name, scoped_session(factory, scopefunc=greenlet.getcurrent))
-    if scenario == "copied-context":
-        return SAScoped(name, scoped_session(factory, scopefunc=token_var.get))
-    return SAScoped(name, scoped_session(factory))
+        setup = Scoped(name, scoping.scoped_session(factory, scope=name))
+    # Apps connect once at start-up. It matters: SQLAlchemy runs the dialect's
+    # first-connect step under a lock made by threading, and when threading is
+    # not patched (raw greenlets, patch_all(thread=False)) two greenlets
+    # connecting for the first time at once deadlock the thread.
+    engine.connect().close()
+    return engine, setup
 
 
-class Monitor:
-    """Asks the server whether a request's statement is still running."""
+def _scenario(name: str) -> Scenario:
+    from .scenarios import SCENARIOS
 
-    def __init__(self, url: str, tag: str, lock: t.Any) -> None:
-        import psycopg2
-
-        dsn = "postgresql://" + url.split("://", 1)[1]
-        self.conn = psycopg2.connect(dsn, application_name=f"{tag}-monitor"[:63])
-        self.conn.autocommit = True
-        self.tag = tag
-        self.lock = lock
-
-    def running(self, rid: str) -> int:
-        with self.lock, self.conn.cursor() as cur:
-            cur.execute(
-                "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' "
-                "AND pid <> pg_backend_pid() AND query LIKE %s",
-                (f"%stress-req {self.tag} {rid} %",),
-            )
-            row = cur.fetchone()
-            return int(row[0]) if row else 0
+    return SCENARIOS[name]
 
 
-def main(argv: list[str]) -> int:
-    cfg: dict[str, t.Any] = json.loads(argv[0])
-    faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
-    runtime = cfg["runtime"]
-    late = cfg["late_build"]
+def _prepare(cfg: dict[str, t.Any]) -> tuple[Runtime, Cell, str]:
+    """Patch, build and wire the cell in the order its scenario asks for."""
     sqlite = cfg["dialect"] == "sqlite"
-
-    import contextvars
-
     token_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_token")
-    engine = setup = None
-
-    def build() -> None:
-        nonlocal engine, setup
-        engine = _engine(cfg)
-        setup = _build_setup(cfg, engine, token_var)
-        # Apps connect once at start-up. It matters: SQLAlchemy runs the
-        # dialect's first-connect step under a lock made by threading, and when
-        # threading is not patched (raw greenlets, patch_all(thread=False)) two
-        # greenlets connecting for the first time at once deadlock the thread.
-        engine.connect().close()
-
-    if late:
-        build()  # the app is imported (engine and registry built) before patching
-    _patch(runtime)
-    loop = None
-    if runtime == "raw-greenlet":
-        from .greenloop import Loop
-
-        loop = Loop()
-        if engine is None:
-            build()  # before the wait callback: the loop is not running yet
-    driver = "sqlite3" if sqlite else _cooperative_psycopg2(runtime, cfg["setup"], loop)
-    if engine is None:
-        build()
-    assert engine is not None and setup is not None
-
-    import gc
-
-    import psutil  # type: ignore[import-untyped]
+    runtime = RUNTIMES[cfg["runtime"]]()
+    built = None
+    if cfg["late_build"]:  # the app (engine, registry) is imported before patching
+        built = _build(cfg, _scenario(cfg["scenario"]), token_var)
+    runtime.patch()
+    scenario = _scenario(cfg["scenario"])
+    if built is None and runtime.build_before_driver:
+        built = _build(cfg, scenario, token_var)
+    driver = "sqlite3" if sqlite else runtime.install_driver(cfg["setup"])
+    if runtime.async_engine:
+        engine, aio_setup = _build_async(cfg, scenario, token_var)
+        return runtime, _async_cell(cfg, runtime, engine, aio_setup, token_var), "asyncpg"
+    if built is None:
+        built = _build(cfg, scenario, token_var)
+    engine, setup = built
 
     from . import app as appmod
+
+    cell = Cell(cfg=cfg, engine=engine, setup=setup, token_var=token_var)
+    cell.app = appmod.App(
+        setup=setup,
+        model=appmod.make_model(cfg["table"]),
+        hooks=runtime.hooks(cfg, sqlite),
+        rows=cfg["rows"],
+        forget_on_error=scenario.forget_on_error,
+    )
+    return runtime, cell, driver
+
+
+def _async_cell(
+    cfg: dict[str, t.Any],
+    runtime: Runtime,
+    engine: t.Any,
+    setup: t.Any,
+    token_var: contextvars.ContextVar[str],
+) -> Cell:
+    from . import aioapp
+    from .app import make_model
+
+    cell = Cell(cfg=cfg, engine=engine, setup=setup, token_var=token_var)
+    runtime.hooks(cfg, sqlite=False)
+    cell.aio_app_ = aioapp.AsyncApp(
+        setup=setup,
+        model=make_model(cfg["table"]),
+        tag=cfg["tag"],
+        rows=cfg["rows"],
+        long_seconds=cfg["long_seconds"],
+        forget_on_error=_scenario(cfg["scenario"]).forget_on_error,
+        on_long_statement=t.cast(t.Any, runtime).on_long,
+    )
+    return cell
+
+
+def main() -> int:
+    cfg: dict[str, t.Any] = json.loads(sys.stdin.read())
+    faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
+    runtime, cell, driver = _prepare(cfg)
+    scenario = _scenario(cfg["scenario"])
+
+    import psutil
+
     from .detectors import Probe
 
     proc = psutil.Process()
-    model = appmod.make_model(cfg["table"])
-    if runtime == "raw-greenlet":
-        assert loop is not None
-        lp = loop
-        sleep0: t.Callable[[], None] = lambda: lp.sleep(0)  # noqa: E731
-    else:
-        import gevent
-
-        sleep0 = lambda: gevent.sleep(0)  # noqa: E731
-    if sqlite:
-        hooks = appmod.sqlite_hooks(sleep0)
-    else:
-        hooks = appmod.postgres_hooks(cfg["tag"], cfg["long_seconds"])
-    monitor = None
-    if runtime != "raw-greenlet":
-        import gevent
-        import gevent.lock
-
-        timeout_after = cfg["timeout_after"]
-        hooks.timeout = lambda: gevent.Timeout(timeout_after)
-
-        def interrupt_kind(exc: BaseException) -> str | None:
-            if isinstance(exc, gevent.Timeout):
-                return "timeout"
-            if isinstance(exc, gevent.GreenletExit):
-                return "killed"
-            return None
-
-        hooks.interrupt_kind = interrupt_kind
-        if not sqlite and (cfg["mix"].get("timeout") or cfg["mix"].get("kill")):
-            monitor = Monitor(cfg["url"], cfg["tag"], gevent.lock.Semaphore())
-
-    the_app = appmod.App(
-        setup=setup,
-        model=model,
-        hooks=hooks,
-        rows=cfg["rows"],
-        forget_on_error=cfg["forget_on_error"],
-    )
-    n = cfg["requests"]
-    duration = cfg.get("duration")
-    plans = appmod.iter_plans(cfg["seed"], cfg["scenario"], cfg["mix"])
+    cell.start()
     emit("ready", driver=driver, pid=os.getpid())
     rss_start = proc.memory_info().rss
     t0 = time.perf_counter()
-    stop_at = time.monotonic() + duration if duration else None
-    dispatched = 0
-
-    def report(rec: t.Any) -> None:
-        emit("req", **rec.to_json())
-
-    def next_request() -> tuple[str, str] | None:
-        nonlocal dispatched
-        if stop_at is not None:
-            if time.monotonic() >= stop_at:
-                return None
-        elif dispatched >= n:
-            return None
-        i = dispatched
-        dispatched += 1
-        return f"r{i}", next(plans)
-
-    if runtime == "raw-greenlet":
-        assert loop is not None
-
-        def raw_worker() -> None:
-            while True:
-                item = next_request()
-                if item is None:
-                    return
-                report(appmod.handle(the_app, *item))
-
-        for _ in range(cfg["concurrency"]):
-            loop.spawn(raw_worker)
-        loop.run()
+    if scenario.serve is not None:
+        scenario.serve(runtime, cell)
     else:
-        import gevent
-        import gevent.event
-        import gevent.pool
-
-        kill_after = cfg["kill_after"]
-
-        def dispatch(rid: str, plan: str) -> None:
-            if plan != appmod.P_KILL:
-                rec = appmod.handle(the_app, rid, plan)
-            else:
-                # handle() calls on_long_statement(rid) right before the statement
-                started = waiting[rid] = gevent.event.Event()
-                g = gevent.spawn(appmod.handle, the_app, rid, plan)
-                gevent.wait([started, g], count=1)
-                if not g.dead:
-                    gevent.sleep(kill_after)
-                    g.kill(block=True)
-                waiting.pop(rid, None)
-                rec = g.value
-            interrupted = plan in (appmod.P_TIMEOUT, appmod.P_KILL)
-            if rec is not None and monitor is not None and interrupted:
-                rec.lingering = monitor.running(rid)
-            if rec is not None:
-                report(rec)
-
-        waiting: dict[str, t.Any] = {}
-
-        def on_long(rid: str) -> None:
-            ev = waiting.get(rid)
-            if ev is not None:
-                ev.set()
-
-        hooks.on_long_statement = on_long
-
-        if cfg["scenario"] == "copied-context":
-            import contextvars as cv
-
-            parents = max(1, cfg["concurrency"] // 5)
-            per_parent = max(1, cfg["concurrency"] // parents)
-
-            def parent(i: int) -> None:
-                # The request-handling parent: it sets a token, uses the Session,
-                # then fans out children that start from a copy of its context.
-                token_var.set(f"parent-{i}")
-                with setup.scope(f"parent-{i}"):
-                    from sqlalchemy import text
-
-                    setup.session().execute(text("SELECT 1"))
-                    pool = gevent.pool.Pool(per_parent)
-                    while True:
-                        item = next_request()
-                        if item is None:
-                            break
-                        g = gevent.Greenlet(dispatch, *item)
-                        g.gr_context = cv.copy_context()
-                        pool.start(g)
-                    pool.join()
-                    try:
-                        setup.remove()
-                    except Exception:
-                        pass
-
-            gevent.joinall([gevent.spawn(parent, i) for i in range(parents)])
-        else:
-            pool = gevent.pool.Pool(cfg["concurrency"])
-            while True:
-                item = next_request()
-                if item is None:
-                    break
-                pool.spawn(dispatch, *item)
-            pool.join()
-
+        runtime.serve(cell)
     elapsed = time.perf_counter() - t0
-    # Let cleanup of ended scopes run (gevent: rawlink callbacks and the
-    # cleanup greenlet), then look at what is left.
-    for _ in range(5):
-        gc.collect()
-        if runtime == "raw-greenlet":
-            assert loop is not None
-            loop.run()
-        else:
-            import gevent
-
-            gevent.sleep(0.01)
+    runtime.settle()  # cleanup of ended scopes runs, then look at what is left
+    registry, checkedout = cell.final or (
+        cell.setup.registry_size(),
+        cell.engine.pool.checkedout(),
+    )
     probe = Probe(
-        registry=setup.registry_size(),
-        checkedout=engine.pool.checkedout(),
+        registry=registry,
+        checkedout=checkedout,
         rss_start=rss_start,
         rss_end=proc.memory_info().rss,
         elapsed=elapsed,
-        expected=dispatched,
+        expected=cell.dispatched,
     )
-    import dataclasses
-
-    emit("done", probe=dataclasses.asdict(probe))
+    emit("done", probe=dataclasses.asdict(probe), notes=cell.notes)
     sys.stderr.flush()
     os._exit(0)
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main())

@@ -1,19 +1,18 @@
 """Run a snippet in a fresh interpreter and return the JSON it prints last.
 
 gevent is never patched inside the pytest process; everything that needs
-``patch_all()`` runs through here.
+``patch_all()`` runs through here. The work is done by :func:`stress.childproc.run_json`,
+the project's one "run a child Python, read its JSON" helper.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 import typing as t
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from stress.childproc import ROOT, run_json
+
+__all__ = ["ROOT", "run_python"]
 
 
 def run_python(
@@ -22,24 +21,7 @@ def run_python(
     env: dict[str, str] | None = None,
     timeout: float = 120,
     args: t.Sequence[str] = (),
+    stdin: str | None = None,
 ) -> t.Any:
     """Run ``code`` in a subprocess and return the JSON on its last stdout line."""
-    full_env = dict(os.environ)
-    full_env["PYTHONPATH"] = ROOT + os.pathsep + full_env.get("PYTHONPATH", "")
-    full_env.update(env or {})
-    proc = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code), *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=full_env,
-        cwd=ROOT,
-    )
-    if proc.returncode != 0:
-        raise AssertionError(
-            f"subprocess failed with {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}"
-            f"\n--- stderr\n{proc.stderr[-4000:]}"
-        )
-    lines = [line for line in proc.stdout.splitlines() if line.strip()]
-    assert lines, f"subprocess printed nothing\n--- stderr\n{proc.stderr[-4000:]}"
-    return json.loads(lines[-1])
+    return run_json(["-c", textwrap.dedent(code), *args], env=env, timeout=timeout, stdin=stdin)

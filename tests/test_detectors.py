@@ -151,7 +151,8 @@ def test_registry_keyed_by_a_reused_ident(db: t.Any) -> None:
     loop.run()
     assert [records[r].stale for r in plans] == [0, 0, 4, 0]  # 3 objects + open transaction
     assert [records[r].leaked for r in plans] == [0, 0, 3, 0]
-    assert records["r1"].outcome == FAILED and not records["r1"].removed
+    assert records["r1"].outcome == FAILED
+    assert not records["r1"].removed
     audit = audit_rows(_rows(engine), records)
     assert (audit.failed, audit.lost, audit.dup) == (3, 0, 0)
     assert setup.registry_size() == 0
@@ -250,9 +251,11 @@ def test_judge_strategy_and_baseline() -> None:
     assert judge("strategy", (), clean) == (True, "clean")
     assert judge("strategy", (), {**clean, "lingering": 2}) == (False, "anomalies: lingering=2")
     ok, why = judge("baseline", ("lingering",), {**clean, "lingering": 2})
-    assert ok and why == "hazard reproduced: lingering=2"
+    assert ok
+    assert why == "hazard reproduced: lingering=2"
     ok, why = judge("baseline", ("lingering",), {**clean, "errors": 5})
-    assert not ok and "hazard not reproduced" in why
+    assert not ok
+    assert "hazard not reproduced" in why
     assert judge("baseline", ("hang", "stale"), {"hang": 1})[0] is True
 
 
@@ -297,6 +300,14 @@ def test_matrix_names_every_not_applicable_cell() -> None:
         for st in STRATEGIES
     }
     na = {k for k, v in reasons.items() if v}
-    assert na == {("thread-false", "thread"), ("raw-greenlet", "thread")}
+    asyncio_loop = {"gather-shared", "task-no-remove", "cancel-mid-query"}
+    executor = {"to-thread", "threadpool-hop"}
+    assert na == {
+        ("thread-false", "thread"),
+        ("raw-greenlet", "thread"),
+        *((s, st) for s in asyncio_loop | executor for st in ("thread", "greenlet")),
+    }
+    assert "one thread and one greenlet" in (reasons["gather-shared", "thread"] or "")
+    assert "executor threads outlive" in (reasons["threadpool-hop", "greenlet"] or "")
     assert "threading is not patched" in (reasons["raw-greenlet", "thread"] or "")
     assert not_applicable(SCENARIOS["timeout-kill"], "greenlet", sqlite=True)

@@ -1,9 +1,12 @@
-"""``python -m stress`` end to end, as a subprocess (gevent never patches this process)."""
+"""``python -m stress`` end to end, as a subprocess (gevent never patches this process).
+
+The default run has a tiny matrix against PostgreSQL (one scenario, its baseline
+and one strategy); the whole ``--quick`` matrix, as CI runs it, is marked slow.
+"""
 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -12,29 +15,44 @@ import typing as t
 import pytest
 
 from stress import runner
+from stress.childproc import ROOT, child_env
 from stress.detectors import anomalies
 from stress.runner import run_cell
 from stress.scenarios import SCENARIOS, SETUPS, STRATEGIES
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-
-def _stress(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def _stress(
+    *args: str, timeout: float = 60, env: dict[str, str] | None = None, cwd: str = ROOT
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "stress", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
-        cwd=ROOT,
+        cwd=cwd,
+        env=child_env(env),
     )
 
 
-def test_help_explains_every_scenario() -> None:
-    out = _stress("--help")
-    assert out.returncode == 0
+def _narrow(text: str) -> list[str]:
+    """The lines of ``text`` wider than 80 columns."""
+    return [line for line in text.splitlines() if len(line) > 80]
+
+
+def test_help_explains_every_scenario(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from stress import cli
+
+    monkeypatch.setenv("COLUMNS", "80")
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--help"])
+    assert exc.value.code == 0
+    stdout = capsys.readouterr().out
+    assert _narrow(stdout) == []
     for scenario in SCENARIOS.values():
-        line = next(ln for ln in out.stdout.splitlines() if ln.strip().startswith(scenario.name))
-        assert scenario.summary[:30] in " ".join(out.stdout.split())
+        line = next(ln for ln in stdout.splitlines() if ln.strip().startswith(scenario.name))
+        assert scenario.summary[:30] in " ".join(stdout.split())
         assert line.strip() != scenario.name  # the name comes with its one-line summary
     for option in (
         "--quick",
@@ -47,7 +65,7 @@ def test_help_explains_every_scenario() -> None:
         "--json",
         "--seed",
     ):
-        assert option in out.stdout
+        assert option in stdout
 
 
 def test_bad_dsn_is_one_line_and_fails() -> None:
@@ -56,22 +74,31 @@ def test_bad_dsn_is_one_line_and_fails() -> None:
     assert out.stdout == ""
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1, out.stderr
-    assert lines[0].startswith("stress: ") and "127.0.0.1:1" in lines[0]
+    assert lines[0].startswith("stress: ")
+    assert "127.0.0.1:1" in lines[0]
     assert "Traceback" not in out.stderr
 
 
-def test_unknown_scenario_is_one_line() -> None:
-    out = _stress("--scenarios", "late-patch,nope")
-    assert out.returncode == 2
-    assert out.stderr.strip().splitlines() == [
-        "stress: unknown scenario: nope (choose from: " + ", ".join(SCENARIOS) + ")"
+def test_unknown_scenario_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    from stress import cli
+
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--scenarios", "late-patch,nope"])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "stress: unknown scenario: nope (choose from: "
+        + ", ".join(SCENARIOS)
+        + ") (--scenarios/--strategies)"
     ]
 
 
-def test_in_memory_sqlite_is_refused() -> None:
-    out = _stress("--dsn", "sqlite://")
-    assert out.returncode == 2
-    assert len(out.stderr.strip().splitlines()) == 1
+def test_in_memory_sqlite_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    from stress import cli
+
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--dsn", "sqlite://"])
+    assert exc.value.code == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("py_spy", [True, False], ids=["py-spy", "faulthandler"])
@@ -93,7 +120,8 @@ def test_a_stuck_cell_is_reported_as_a_hang_with_its_stack(
         """
     )
     run = run_cell({}, stall=1.0, deadline=30.0, command=[sys.executable, "-c", code])
-    assert run.hang and run.hang_reason == "no request finished for 1 s"
+    assert run.hang
+    assert run.hang_reason == "no request finished for 1 s"
     assert [r.rid for r in run.records] == ["r0"]
     assert run.probe is None
     assert run.returncode == -9  # killed by the watcher
@@ -112,7 +140,8 @@ def test_a_cell_that_dies_is_a_crash_not_a_hang() -> None:
     code = 'import json; print(json.dumps({"ev": "ready"}), flush=True); raise SystemExit(3)'
     run = run_cell({}, stall=5.0, deadline=30.0, command=[sys.executable, "-c", code])
     assert not run.hang
-    assert run.probe is None and run.returncode == 3
+    assert run.probe is None
+    assert run.returncode == 3
 
 
 def _load(path: t.Any) -> dict[str, t.Any]:
@@ -139,6 +168,7 @@ def test_sqlite_run_says_what_it_cannot_show(tmp_path: t.Any) -> None:
     doc = _load(report)
     assert doc["database"]["dialect"] == "sqlite"
     assert any("SQLite" in note and "pg_stat_activity" in note for note in doc["notes"])
+    assert "argv" not in doc
     cells = {(c["scenario"], c["setup"]): c for c in doc["cells"]}
     assert len(cells) == 9
     for setup in ("baseline", "greenlet", "auto"):
@@ -152,14 +182,65 @@ def test_sqlite_run_says_what_it_cannot_show(tmp_path: t.Any) -> None:
     assert out.stdout.strip().splitlines()[-1].startswith("OK: 2 baselines")
 
 
+@pytest.mark.postgres
+def test_tiny_matrix_against_postgres(pg_server: t.Any, tmp_path: t.Any) -> None:
+    """The default run's end-to-end check: one baseline and one strategy, piped output
+    no wider than 80 columns, the verdict last."""
+    report = tmp_path / "tiny.json"
+    out = _stress(
+        "--json",
+        "tiny.json",  # relative: the run happens in tmp_path, outside the checkout
+        "--scenarios",
+        "no-remove",
+        "--strategies",
+        "auto",
+        "--requests",
+        "20",
+        "--concurrency",
+        "4",
+        env={"SCOPING_DSN": pg_server.dsn},
+        cwd=str(tmp_path),
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert _narrow(out.stdout) == []
+    assert _narrow(out.stderr) == []
+    assert out.stdout.strip().splitlines()[-1] == (
+        "OK: 1 baselines reproduced their hazard; 1 strategy cells had zero anomalies"
+    )
+    progress = [ln for ln in out.stderr.splitlines() if ln.startswith("[")]
+    assert [ln.split(":")[0] for ln in progress] == [
+        "[ 1/2] no-remove / baseline",
+        "[ 2/2] no-remove / auto",
+    ]
+    table = out.stdout.splitlines()
+    row = next(ln for ln in table if ln.startswith("no-remove"))
+    assert row.split()[1:] == ["yes[1]", "ok"]
+    doc = _load(report)
+    cells = {c["setup"]: c for c in doc["cells"]}
+    assert cells["baseline"]["metrics"]["registry"] > 0
+    assert anomalies(cells["auto"]["metrics"]) == {}
+    assert cells["auto"]["metrics"]["requests"] == 20
+
+
 @pytest.mark.slow
 @pytest.mark.postgres
 def test_quick_matrix_against_postgres(pg_server: t.Any, tmp_path: t.Any) -> None:
     """The CI run: every strategy clean, every baseline shows its hazard, exit 0."""
     report = tmp_path / "quick.json"
-    out = _stress("--quick", "--json", str(report), "--dsn", pg_server.dsn, timeout=400)
+    out = _stress(
+        "--quick",
+        "--json",
+        "quick.json",  # relative: the run happens in tmp_path, outside the checkout
+        env={"SCOPING_DSN": pg_server.dsn},
+        timeout=600,
+        cwd=str(tmp_path),
+    )
     assert out.returncode == 0, out.stdout[-5000:] + out.stderr[-3000:]
-    assert out.stdout.strip().splitlines()[-1].startswith("OK: 7 baselines reproduced")
+    assert (
+        out.stdout.strip().splitlines()[-1].startswith(f"OK: {len(SCENARIOS)} baselines reproduced")
+    )
+    assert _narrow(out.stdout) == []
+    assert _narrow(out.stderr) == []
     doc = _load(report)
     assert doc["verdict"]["ok"] is True
     assert doc["database"]["dialect"] == "postgresql"
@@ -168,22 +249,24 @@ def test_quick_matrix_against_postgres(pg_server: t.Any, tmp_path: t.Any) -> Non
     versions = doc["environment"]["versions"]
     for dist in ("sqlalchemy", "gevent", "greenlet", "psycopg2-binary"):
         assert versions[dist], dist
-    assert doc["options"]["quick"] is True and doc["options"]["seed"] == 1
+    assert doc["options"]["quick"] is True
+    assert doc["options"]["seed"] == 1
     cells = {(c["scenario"], c["setup"]): c for c in doc["cells"]}
     assert set(cells) == {(s, setup) for s in SCENARIOS for setup in SETUPS}
     not_applicable = {k for k, c in cells.items() if c["status"] == "n/a"}
-    assert not_applicable == {("thread-false", "thread"), ("raw-greenlet", "thread")}
+    assert not_applicable == {(s, st) for s in SCENARIOS for st in SCENARIOS[s].not_applicable}
+    assert len(not_applicable) == 12
     for key, cell in cells.items():
         if key in not_applicable:
-            assert "threading is not patched" in cell["reason"]
+            assert "not a fix here" in cell["reason"]
             continue
         m = cell["metrics"]
         if cell["kind"] == "strategy":
             assert key[1] in STRATEGIES
-            assert cell["ok"] is True and cell["status"] == "clean", (key, cell["reason"])
+            assert cell["status"] == "clean", (key, cell["reason"])
             assert anomalies(m) == {}, key
-            assert m["requests"] == m["expected"] == 60, key
-            assert m["registry"] == 0 and m["checkedout"] == 0, key
+            assert m["requests"] == m["expected"] >= 60, key
+            assert (m["registry"], m["checkedout"]) == (0, 0), key
         else:
             assert cell["ok"] is True, (key, cell["reason"])
             assert any((m.get(tgt) or 0) > 0 for tgt in cell["targets"]), key
@@ -191,4 +274,11 @@ def test_quick_matrix_against_postgres(pg_server: t.Any, tmp_path: t.Any) -> Non
     assert cells["timeout-kill", "baseline"]["metrics"]["lingering"] > 0
     assert cells["no-remove", "baseline"]["metrics"]["registry"] > 0
     ident = cells["ident-reuse", "baseline"]["metrics"]
-    assert ident["stale"] > 0 and ident["db_failed"] > 0
+    assert ident["stale"] > 0
+    assert ident["db_failed"] > 0
+    to_thread = cells["to-thread", "baseline"]["metrics"]
+    assert to_thread["stale"] > 0
+    assert to_thread["db_failed"] > 0
+    orphan = cells["orphan-task", "baseline"]["metrics"]
+    assert orphan["registry"] > 0
+    assert orphan["dup"] > 0
