@@ -25,7 +25,7 @@ STRATEGIES = ["thread", "greenlet", "contextvar", "token", "auto"]
 SA_VERSION = tuple(int(p) for p in sqlalchemy.__version__.split(".")[:2])
 
 # Our additions, deliberately not on SQLAlchemy's class.
-OURS_ONLY = {"scope", "strategy", "guard"}
+OURS_ONLY = {"scope", "strategy", "guard", "dispose_engines"}
 
 
 def public_names(cls: type) -> set[str]:
@@ -165,7 +165,8 @@ def test_begin_nested(S: scoping.scoped_session[Session]) -> None:
 
 def test_call_remove_and_configure(S: scoping.scoped_session[Session]) -> None:
     first = S()
-    assert S() is first and S.registry.has()
+    assert S() is first
+    assert S.registry.has()
     S.remove()
     assert not S.registry.has()
     second = S()
@@ -174,3 +175,55 @@ def test_call_remove_and_configure(S: scoping.scoped_session[Session]) -> None:
         warnings.simplefilter("always")
         S.configure(expire_on_commit=False)
     assert any("configure() can not affect" in str(w.message) for w in caught)
+
+
+# -- scoping.asyncio.async_scoped_session against SQLAlchemy's ------------------
+
+ASYNC_OURS_ONLY = {"scope", "strategy", "guard", "dispose_engines"}
+
+
+def test_async_every_public_name_is_there_with_the_same_signature() -> None:
+    from sqlalchemy.ext.asyncio import async_scoped_session as sa_async
+
+    from scoping.asyncio import async_scoped_session as ours
+
+    assert issubclass(ours, sa_async)
+    assert not public_names(sa_async) - public_names(ours)
+    assert not public_names(ours) - public_names(sa_async) - ASYNC_OURS_ONLY
+    for name in sorted(public_names(sa_async)):
+        if name == "__init__":
+            continue
+        mine, sa = inspect.getattr_static(ours, name), inspect.getattr_static(sa_async, name)
+        if callable(sa) or isinstance(sa, (classmethod, staticmethod)):
+            func_mine, func_sa = getattr(ours, name), getattr(sa_async, name)
+            assert shape(func_mine) == shape(func_sa), name
+            assert inspect.iscoroutinefunction(func_mine) == inspect.iscoroutinefunction(func_sa), (
+                name
+            )
+        else:
+            assert type(mine) is type(sa), name
+
+
+def test_async_init_accepts_sqlalchemys_parameters() -> None:
+    from sqlalchemy.ext.asyncio import async_scoped_session as sa_async
+
+    from scoping.asyncio import async_scoped_session as ours
+
+    sa_params = list(inspect.signature(sa_async.__init__).parameters)
+    params = inspect.signature(ours.__init__).parameters
+    assert list(params)[: len(sa_params)] == sa_params
+    assert all(
+        params[p].kind is inspect.Parameter.KEYWORD_ONLY for p in list(params)[len(sa_params) :]
+    )
+
+
+def test_async_version_specific_surface() -> None:
+    """The 2.0 / 2.1 differences come from SQLAlchemy itself."""
+    from sqlalchemy.ext.asyncio import async_scoped_session as sa_async
+
+    from scoping.asyncio import async_scoped_session as ours
+
+    names = public_names(ours)
+    if SA_VERSION >= (2, 1):
+        assert {"delete_all", "merge_all", "execution_options", "binds"} <= names
+    assert ("close_all" in names) == ("close_all" in public_names(sa_async))

@@ -1,7 +1,8 @@
 """Subprocess side of ``python -m stress.bench``: one measurement per process.
 
-Usage: ``python -m stress.bench_worker KIND 'JSON-ARGS'``; prints one JSON
-object on stdout. ``KIND`` is ``scale`` (raw greenlets, no gevent), ``memory``
+Usage: ``python -m stress.bench.worker KIND``, with the JSON arguments as the
+first line of stdin (they may hold a DSN, which never goes in argv); prints
+one JSON object on stdout. ``KIND`` is ``scale`` (raw greenlets, no gevent), ``memory``
 or ``e2e`` (both under ``gevent.monkey.patch_all()``, done here, first thing,
 before SQLAlchemy or scoping is imported). Each run lives in its own process
 so that a measurement never inherits another one's heap, patched modules or
@@ -106,7 +107,7 @@ def scale(args: dict[str, t.Any]) -> dict[str, t.Any]:
 # --- memory without remove() ------------------------------------------------
 
 
-def memory(args: dict[str, t.Any]) -> dict[str, t.Any]:
+def memory(args: dict[str, t.Any]) -> dict[str, t.Any]:  # noqa: C901, PLR0915 - one measurement
     """N short-lived gevent greenlets call ``Session()`` (and execute) and never remove()."""
     import gevent
     import gevent.pool
@@ -212,7 +213,7 @@ def memory(args: dict[str, t.Any]) -> dict[str, t.Any]:
 # --- end to end under gevent against PostgreSQL ------------------------------
 
 
-def e2e(args: dict[str, t.Any]) -> dict[str, t.Any]:
+def e2e(args: dict[str, t.Any]) -> dict[str, t.Any]:  # noqa: PLR0915 - one measurement
     """Serve timed runs for one variant: 200 greenlets, two SELECTs and a commit per request.
 
     The process stays up and reads one JSON command per line on stdin (``{}`` =
@@ -335,8 +336,8 @@ KINDS: dict[str, t.Callable[[dict[str, t.Any]], dict[str, t.Any]]] = {
 
 
 def main(argv: list[str]) -> int:
-    kind, raw = argv
-    result = KINDS[kind](json.loads(raw))
+    (kind,) = argv
+    result = KINDS[kind](json.loads(sys.stdin.readline()))
     sys.stdout.write(json.dumps(result) + "\n")
     return 0
 
