@@ -11,10 +11,11 @@ import sys
 import pytest
 from _subproc import run_python
 
+from scoping.scopes import STRATEGY_NAMES
+
 pytestmark = [pytest.mark.gevent]
 
 SCRIPTS = os.path.join(os.path.dirname(__file__), "scripts")
-STRATEGIES = ["thread", "greenlet", "contextvar", "token", "auto"]
 GREENLETS = 220
 
 
@@ -32,18 +33,22 @@ def run_script(name: str, *args: object, url: str, timeout: float = 240) -> dict
 
 @pytest.mark.postgres
 @pytest.mark.parametrize("order", ["registry-first", "patch-first"])
-@pytest.mark.parametrize("strategy", STRATEGIES)
-def test_concurrent_greenlets_are_isolated(strategy: str, order: str, pg_url: str) -> None:
-    r = run_script("gevent_isolation.py", strategy, order, GREENLETS, url=pg_url)
-    assert r["errors"] == []
-    assert r["error_count"] == 0
-    assert r["foreign"] == 0
-    assert r["stale"] == 0
-    assert r["tags"] == GREENLETS
-    assert r["bad_tags"] == 0
-    assert r["total_rows"] == GREENLETS * 3
-    assert r["live"] == 0
-    assert r["checked_out"] == 0
+def test_concurrent_greenlets_are_isolated(order: str, pg_url: str) -> None:
+    """Every strategy, one after another in one gevent child per import order."""
+    results = run_script("gevent_isolation.py", order, GREENLETS, url=pg_url)
+    assert sorted(results) == sorted(STRATEGY_NAMES)
+    expected = {
+        "errors": [],
+        "error_count": 0,
+        "foreign": 0,
+        "stale": 0,
+        "tags": GREENLETS,
+        "bad_tags": 0,
+        "total_rows": GREENLETS * 3,
+        "live": 0,
+        "checked_out": 0,
+    }
+    assert results == dict.fromkeys(STRATEGY_NAMES, expected)
 
 
 @pytest.mark.postgres
@@ -60,6 +65,7 @@ def test_forgotten_remove_costs_nothing(pg_url: str) -> None:
 
 
 @pytest.mark.postgres
+@pytest.mark.slow
 def test_sqlalchemy_greenlet_registry_keeps_them_all(pg_url: str) -> None:
     """The same run on ScopedRegistry(scopefunc=greenlet.getcurrent)."""
     r = run_script("gevent_cleanup.py", "sqlalchemy", 10_000, 1, url=pg_url)
@@ -129,40 +135,47 @@ def test_importing_before_patch_all_adds_no_gevent_warning() -> None:
     assert r == {"warnings": [], "isolated": True}
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
-def test_gevent_greenlets_clean_up_without_database(strategy: str) -> None:
-    """rawlink retires the Session as each greenlet ends; a cleanup greenlet closes it."""
-    code = f"""
+def test_gevent_greenlets_clean_up_without_database() -> None:
+    """rawlink retires the Session as each greenlet ends; a cleanup greenlet closes it.
+
+    Every strategy, one after another in one gevent child.
+    """
+    code = """
         from gevent import monkey; monkey.patch_all()
-        import json, gevent, scoping
+        import gc, json, gevent, greenlet, scoping
+        from scoping.scopes import STRATEGY_NAMES
         from sqlalchemy import create_engine
         from sqlalchemy.orm import Session, sessionmaker
-        closed = []
-        class Counting(Session):
-            def close(self):
-                closed.append(1)
-                super().close()
-        S = scoping.scoped_session(
-            sessionmaker(bind=create_engine("sqlite://"), class_=Counting), scope={strategy!r})
-        def work(i):
-            if {strategy!r} == "token":
-                S.strategy.bind(i)   # bound without scope(): nobody removes it
-            S.info["i"] = i
-            gevent.sleep(0)
-        glets = [gevent.spawn(work, i) for i in range(500)]
-        gevent.joinall(glets)
-        gevent.sleep(0); gevent.sleep(0)
-        del glets
-        import gc, greenlet
-        gc.collect()
-        dead = sum(1 for o in gc.get_objects() if isinstance(o, greenlet.greenlet) and o.dead)
-        print(json.dumps({{"live": len(S.registry), "closed": len(closed), "dead_kept": dead,
-                           "refs": len(getattr(S.strategy, "_refs", ()))}}))
+
+        def run(strategy):
+            closed = []
+            class Counting(Session):
+                def close(self):
+                    closed.append(1)
+                    super().close()
+            S = scoping.scoped_session(
+                sessionmaker(bind=create_engine("sqlite://"), class_=Counting), scope=strategy)
+            def work(i):
+                if strategy == "token":
+                    S.strategy.bind(i)   # bound without scope(): nobody removes it
+                S.info["i"] = i
+                gevent.sleep(0)
+            glets = [gevent.spawn(work, i) for i in range(500)]
+            gevent.joinall(glets)
+            gevent.sleep(0); gevent.sleep(0)
+            del glets
+            gc.collect()
+            dead = sum(1 for o in gc.get_objects() if isinstance(o, greenlet.greenlet) and o.dead)
+            return {"live": len(S.registry), "closed": len(closed), "dead_kept": dead,
+                    "refs": len(getattr(S.strategy, "_refs", ()))}
+
+        print(json.dumps({name: run(name) for name in STRATEGY_NAMES}))
     """
-    r = run_python(code)
-    if strategy == "token":
-        # Integer tokens say nothing about when their work ends: they stay.
-        assert r == {"live": 500, "closed": 0, "dead_kept": 0, "refs": 0}
-    else:
-        # Nothing keeps the dead greenlets (or their contexts) alive.
-        assert r == {"live": 0, "closed": 500, "dead_kept": 0, "refs": 0}
+    results = run_python(code)
+    assert isinstance(results, dict)
+    # Integer tokens say nothing about when their work ends: they stay. For every other
+    # strategy nothing keeps the dead greenlets (or their contexts) alive.
+    cleaned = {"live": 0, "closed": 500, "dead_kept": 0, "refs": 0}
+    expected = {name: cleaned for name in STRATEGY_NAMES}
+    expected["token"] = {"live": 500, "closed": 0, "dead_kept": 0, "refs": 0}
+    assert results == expected
