@@ -20,15 +20,18 @@ from __future__ import annotations
 
 import os
 import typing as t
-from collections.abc import Iterator
 
 from flask import Flask, Response, jsonify, request, stream_with_context
 from sqlalchemy import Integer, String, create_engine, select, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
-from sqlalchemy.pool import QueuePool
 
 import scoping
 from scoping.wsgi import SessionMiddleware
+
+if t.TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from sqlalchemy.pool import QueuePool
 
 DATABASE_URL = os.environ.get("DATABASE_URL", "postgresql+psycopg2://postgres@127.0.0.1/test")
 

@@ -40,7 +40,6 @@ import greenlet
 from sqlalchemy import Integer, String, create_engine, select, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 from sqlalchemy.orm import Session as OrmSession
-from sqlalchemy.pool import QueuePool
 
 import scoping
 from scoping.wsgi import SessionMiddleware
@@ -49,6 +48,7 @@ if t.TYPE_CHECKING:
     from collections.abc import Iterable, Iterator
 
     from _typeshed.wsgi import StartResponse, WSGIEnvironment
+    from sqlalchemy.pool import QueuePool
 
 DATABASE_URL = os.environ.get("DATABASE_URL", "postgresql+psycopg2://postgres@127.0.0.1/test")
 

@@ -24,6 +24,16 @@ Costs: one wrapper object and one extra Python call per body chunk. A
 server's ``sendfile``): its ``close`` is replaced on the instance instead.
 A server that neither exhausts nor closes the iterable (which PEP 3333
 forbids) leaves the Session to scoping's end-of-scope cleanup.
+
+Lifecycle: the middleware holds no per-request state besides the response
+wrapper, so a fork (gunicorn ``--preload``) needs nothing from it (the
+registries forget what they inherited, see :mod:`scoping.fork`). Work the
+request hands to another thread or greenlet gets that unit's own Session,
+which this middleware does not remove (the registry closes it when that unit
+ends). A request greenlet killed or timed out mid-response still reaches the
+server's ``close()`` (gevent's ``pywsgi`` and gunicorn call it from a
+``finally``); one that is abandoned without it is cleaned up when its
+greenlet ends.
 """
 
 from __future__ import annotations

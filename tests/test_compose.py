@@ -103,3 +103,57 @@ def test_healthcheck_asks_the_same_user_and_database(services: dict[str, t.Any])
     assert test[test.index("-U") + 1] == postgres["environment"]["POSTGRES_USER"]
     assert test[test.index("-d") + 1] == postgres["environment"]["POSTGRES_DB"]
     assert test[test.index("-h") + 1] == "127.0.0.1"
+
+
+# ---- the HTTP load path (docs/http.md)
+
+
+def test_http_services_exist_behind_a_profile(services: dict[str, t.Any]) -> None:
+    for name in ("app", "locust-master", "locust-worker"):
+        assert services[name]["profiles"] == ["http"], name  # not started by a plain `up`
+
+
+def test_locust_worker_is_scalable(services: dict[str, t.Any]) -> None:
+    """`docker compose up --scale locust-worker=4` needs no fixed name and no host port."""
+    worker = services["locust-worker"]
+    assert "container_name" not in worker
+    assert "ports" not in worker
+    assert "--worker" in _command(worker)
+    assert "--master-host locust-master" in _command(worker)
+    with open(COMPOSE_FILE, encoding="utf-8") as fh:
+        header = fh.read().split("services:")[0]
+    assert "--scale locust-worker=4" in header
+
+
+def test_master_and_workers_run_the_repository_locustfile_unchanged(
+    services: dict[str, t.Any],
+) -> None:
+    root = os.path.dirname(COMPOSE_FILE)
+    for name in ("locust-master", "locust-worker"):
+        service = services[name]
+        assert service["image"].startswith("locustio/locust:")
+        (volume,) = service["volumes"]
+        host, inside, mode = volume.split(":")
+        assert mode == "ro"
+        assert os.path.isfile(os.path.join(root, host, "locustfile.py"))
+        assert f"-f {inside}/locustfile.py" in _command(service)
+    master = services["locust-master"]
+    assert "--master" in _command(master)
+    assert "--host http://app:8000" in _command(master)
+    assert master["ports"] == ["127.0.0.1:8089:8089"]  # the UI on loopback only
+    assert master["depends_on"] == {"app": {"condition": "service_healthy"}}
+
+
+def test_app_serves_the_stress_http_app_under_gunicorn_gevent(services: dict[str, t.Any]) -> None:
+    app = services["app"]
+    command = _command(app)
+    assert app["depends_on"] == {"postgres": {"condition": "service_healthy"}}
+    assert "ports" not in app  # reached by Locust inside the compose network only
+    assert "exec gunicorn -c python:stress.http.hooks" in command
+    assert "-k gevent" in command
+    assert "stress.http.app:app" in command
+    # The DSN goes through a 0600 file named by STRESS_HTTP_CONFIG, never argv.
+    assert "umask 077" in command
+    assert "STRESS_HTTP_CONFIG=/tmp/app/config.json" in command
+    assert "postgresql+psycopg2://postgres@postgres:5432/postgres" in command
+    assert app["healthcheck"]["test"][:2] == ["CMD", "python"]

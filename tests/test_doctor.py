@@ -150,7 +150,8 @@ def test_clean_process_has_no_hazard_and_doctor_imports_no_gevent(tmp_path: Path
     d = out["diagnosis"]
     assert out["gevent_imported"] is False
     assert out["psycopg2_imported"] is False
-    assert d["ok"] is True and d["exit_status"] == 0
+    assert d["ok"] is True
+    assert d["exit_status"] == 0
     assert hazard_codes(d) == []
     assert one(d, "gevent.not_imported")["severity"] == "ok"
     assert one(d, "scoped_session.thread_local", "__main__.Session")["severity"] == "ok"
@@ -231,7 +232,8 @@ def test_old_greenlet_without_contextvars_is_flagged() -> None:
     rt = doctor._runtime()
     old = dataclasses.replace(rt, greenlet_version="0.4.16")
     (f,) = doctor._check_greenlet(old)
-    assert f.code == "greenlet.no_contextvars" and f.severity == "warning"
+    assert f.code == "greenlet.no_contextvars"
+    assert f.severity == "warning"
     assert (
         doctor._check_greenlet(dataclasses.replace(rt, greenlet_version="0.4.17"))[0].severity
         == "ok"
@@ -280,7 +282,8 @@ def test_scopefuncs_under_gevent(patched_report: dict[str, t.Any]) -> None:
         one(patched_report, "scoped_session.get_ident", "appafter.ByIdent")["severity"] == "hazard"
     )
     f = one(patched_report, "scoped_session.getcurrent", "appbefore.ByGreenlet")
-    assert f["severity"] == "warning" and 'scope="greenlet"' in f["fix"]
+    assert f["severity"] == "warning"
+    assert 'scope="greenlet"' in f["fix"]
 
 
 @pytest.mark.gevent
@@ -314,7 +317,8 @@ def test_patched_report_hazards_and_recommendation(patched_report: dict[str, t.A
     assert patched_report["exit_status"] == 1
     assert patched_report["recommended_scope"] == "greenlet"
     patched = one(patched_report, "gevent.patched")
-    assert "threading" in patched["title"] and "socket" in patched["title"]
+    assert "threading" in patched["title"]
+    assert "socket" in patched["title"]
 
 
 @pytest.mark.gevent
@@ -478,7 +482,8 @@ def test_cli_clean_process_json_and_exit_0(tmp_path: Path) -> None:
         "runtime",
         "findings",
     }
-    assert d["ok"] is True and d["exit_status"] == 0
+    assert d["ok"] is True
+    assert d["exit_status"] == 0
     assert set(d["counts"]) == {"ok", "info", "warning", "hazard"}
     for f in d["findings"]:
         assert set(f) == {"severity", "code", "title", "detail", "fix", "subject"}
@@ -502,7 +507,8 @@ def test_cli_hazard_exits_1(tmp_path: Path, as_json: bool) -> None:
     assert proc.returncode == 1, proc.stderr
     if as_json:
         d = json.loads(proc.stdout)
-        assert d["exit_status"] == 1 and d["ok"] is False
+        assert d["exit_status"] == 1
+        assert d["ok"] is False
         assert d["counts"]["hazard"] == 4
     else:
         assert (
@@ -541,18 +547,18 @@ def test_demo_json(tmp_path: Path) -> None:
     proc = run_child(tmp_path, "", args=["-m", "scoping", "doctor", "--demo", "--json"])
     assert proc.returncode == 0, proc.stderr
     d = json.loads(proc.stdout)
-    assert d["caught"] is True and d["missing"] == [] and d["child_exit_status"] == 1
+    assert d["caught"] is True
+    assert d["missing"] == []
+    assert d["child_exit_status"] == 1
     assert ("scoped_session.shared", "demo_app.Session") in hazard_codes(d["diagnosis"])
 
 
 def test_demo_fails_when_a_hazard_is_not_caught(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import scoping.__main__ as cli
-
-    monkeypatch.setattr(cli, "DEMO_EXPECTED", (("no.such.code", None),))
-    monkeypatch.setattr(cli, "DEMO_MAIN", "import sys; sys.exit(1)")
-    assert cli.run_demo() == 1
+    monkeypatch.setattr(doctor, "DEMO_EXPECTED", (("no.such.code", None),))
+    monkeypatch.setattr(doctor, "DEMO_MAIN", "import sys; sys.exit(1)")
+    assert doctor.run_demo() == doctor.DEMO_MISSED == 1
     assert "Demo FAILED: child exit status 1, not caught: no.such.code" in capsys.readouterr().out
 
 
@@ -611,3 +617,106 @@ def test_gunicorn_post_worker_init_check_stops_the_boot(tmp_path: Path) -> None:
     assert "scoping.doctor.UnsafeProcess: 1 Session-scoping hazard(s)" in log
     assert "- wsgiapp.Session: SQLAlchemy scoped_session shared by every greenlet" in log
     assert "Reason: Worker failed to boot." in log
+
+
+# A package that is "not installed": importing it fails the way a missing one does.
+MISSING_PSYCOPG2 = """
+raise ModuleNotFoundError("No module named 'psycopg2'", name="psycopg2")
+"""
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_demo_without_psycopg2_could_not_run(tmp_path: Path, as_json: bool) -> None:
+    """Issue 10, item 10: a missing prerequisite is not a missed hazard."""
+    blocked = tmp_path / "blocked"
+    (blocked / "psycopg2").mkdir(parents=True)
+    (blocked / "psycopg2" / "__init__.py").write_text(MISSING_PSYCOPG2)
+    proc = run_child(
+        tmp_path,
+        "",
+        args=["-m", "scoping", "doctor", "--demo", *(["--json"] if as_json else [])],
+        extra_env={"PYTHONPATH": os.pathsep.join([str(blocked), str(ROOT)])},
+    )
+    assert proc.returncode == doctor.DEMO_UNAVAILABLE == 2, proc.stdout + proc.stderr
+    assert "FAILED" not in proc.stdout
+    if as_json:
+        d = json.loads(proc.stdout)
+        assert d["ran"] is False
+        assert d["caught"] is None
+        assert (d["missing_module"], d["fix"]) == ("psycopg2", "pip install psycopg2-binary")
+    else:
+        assert proc.stdout.startswith(
+            "The demo could not run: psycopg2 is not installed, and the planted process needs "
+            "gevent, psycopg2 and SQLAlchemy. Fix: pip install psycopg2-binary."
+        )
+
+
+def test_diagnosis_has_no_unused_warnings_property() -> None:
+    assert not hasattr(doctor.Diagnosis, "warnings")
+
+
+def test_doctor_asks_the_units_layer_instead_of_gevent(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 13: "is threading patched" and the native local live in scoping._units only."""
+    import inspect
+
+    from scoping import _units
+
+    source = inspect.getsource(doctor)
+    assert "get_original" not in source
+    assert "_thread._local" not in source
+    monkeypatch.setattr(_units, "threading_is_patched", lambda: True)
+    assert doctor._runtime().threading_patched is True
+
+
+INHERITED = """
+import os, json, sys
+import sqlalchemy as sa
+import scoping.doctor
+
+engine = sa.create_engine("sqlite:///inherited.db")      # QueuePool
+with engine.connect() as conn:                            # the parent's warm-up query
+    conn.exec_driver_sql("select 1")
+before = [f.code for f in scoping.doctor.diagnose().hazards]
+r, w = os.pipe()
+pid = os.fork()
+if pid == 0:
+    d = scoping.doctor.diagnose()
+    found = [(f.code, f.subject, f.title) for f in d.hazards]
+    import scoping.fork
+    scoping.fork.dispose_engines(engine)
+    after = [f.code for f in scoping.doctor.diagnose().hazards]
+    os.write(w, json.dumps({"child": found, "after_dispose": after}).encode())
+    os._exit(0)
+os.close(w)
+data = b""
+while chunk := os.read(r, 65536):
+    data += chunk
+os.waitpid(pid, 0)
+print(json.dumps({"parent": before, **json.loads(data)}))
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_pooled_connection_opened_before_fork_is_a_hazard(tmp_path: Path) -> None:
+    """Issue 9, item 1: the doctor flags a pool connection opened by another process."""
+    proc = run_child(tmp_path, INHERITED)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["parent"] == []  # its own connection: fine
+    assert out["child"] == [
+        [
+            "engine.inherited_connections",
+            "__main__.engine",
+            "1 pooled connection(s) were opened by another process",
+        ]
+    ]
+    assert out["after_dispose"] == []  # the fix the finding names
+
+
+def test_process_start_time_is_before_now_and_after_boot() -> None:
+    import time
+
+    started = doctor._process_started_at()
+    if started is None:
+        pytest.skip("no /proc and scoping.fork saw no fork")
+    assert 0 < started <= time.time()

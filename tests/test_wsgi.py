@@ -15,7 +15,6 @@ import http.client
 import json
 import logging
 import os
-import pathlib
 import socket
 import struct
 import subprocess
@@ -33,6 +32,7 @@ from scoping.wsgi import SessionMiddleware
 from tests._subproc import ROOT
 
 if t.TYPE_CHECKING:
+    import pathlib
     from collections.abc import Iterable, Iterator
 
     import sqlalchemy
