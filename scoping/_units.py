@@ -26,6 +26,7 @@ __all__ = [
     "current_unit",
     "getcurrent",
     "greenlet_type",
+    "is_unit",
     "native_local_class",
     "on_thread_exit",
     "threading_is_patched",
@@ -88,6 +89,14 @@ def native_local_class() -> type:
     import _thread
 
     return _thread._local
+
+
+def is_unit(key: object) -> bool:
+    """``True`` for a greenlet or an asyncio task (or future): a key that can end."""
+    if isinstance(key, _greenlet_type or greenlet_type()):
+        return True
+    asyncio = sys.modules.get("asyncio")
+    return asyncio is not None and isinstance(key, asyncio.Future)
 
 
 def unit_ended(unit: object) -> bool:

@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import threading
 import typing as t
+import weakref
 
 from sqlalchemy.orm import Session
 from sqlalchemy.orm import scoped_session as _sa_scoped_session
 from sqlalchemy.util import warn
 
-from . import fork
+from . import _units, fork
 from .errors import ScopeReentered
 from .guard import SessionGuard
 from .registry import Registry
@@ -147,7 +148,12 @@ class scoped_session(_sa_scoped_session[_S]):
             self._fast = self.strategy.fast_key if "fast_key" in declared else self._current  # type: ignore[attr-defined]
             if kind == "fast":  # a miss of the fast key: current() decides
                 self._miss = self._registry_miss
+        # Live scope() blocks per key. Greenlet and task keys are held weakly:
+        # a block suspended in an abandoned raw greenlet must not keep that
+        # greenlet alive, or the registry could never let it go (and its
+        # finally blocks would never run).
         self._depth: dict[t.Hashable, int] = {}
+        self._unit_depth: weakref.WeakKeyDictionary[t.Any, int] = weakref.WeakKeyDictionary()
         self._depth_lock: t.Any = None  # made on first scope(), never at import
         fork._track_owner(self)
 
@@ -290,18 +296,23 @@ class scoped_session(_sa_scoped_session[_S]):
             lock = self._depth_lock = threading.Lock()
         return lock
 
+    def _depths(self, key: t.Hashable) -> t.MutableMapping[t.Any, int]:
+        return self._unit_depth if _units.is_unit(key) else self._depth
+
     def _enter(self, key: t.Hashable) -> None:
+        depths = self._depths(key)
         with self._depth_lock or self._lock():
-            self._depth[key] = self._depth.get(key, 0) + 1
+            depths[key] = depths.get(key, 0) + 1
 
     def _exit(self, key: t.Hashable) -> None:
         session = None
+        depths = self._depths(key)
         with self._depth_lock or self._lock():
-            depth = self._depth[key] - 1
+            depth = depths[key] - 1
             if depth:
-                self._depth[key] = depth
+                depths[key] = depth
             else:
-                del self._depth[key]
+                del depths[key]
                 # Taken out under the lock so that a greenlet entering the same
                 # token now gets a fresh Session, not one being closed.
                 session = self.registry._discard(key)
@@ -347,7 +358,11 @@ class ScopeBlock(t.Generic[_S]):
         if self._token is not None:
             self._handle = strategy.bind(self._token)  # type: ignore[attr-defined]
         try:
-            key = self._key = strategy.current()
+            key = strategy.current()
+            # A unit key is held weakly (see scoped_session._unit_depth): the
+            # block lives in the unit's own frame, so a strong reference would
+            # make a cycle that keeps an abandoned greenlet alive forever.
+            self._key = weakref.ref(key) if _units.is_unit(key) else key
             owner._enter(key)
             try:
                 return owner()
@@ -362,6 +377,10 @@ class ScopeBlock(t.Generic[_S]):
     def __exit__(self, *exc_info: object) -> None:
         key, self._key = self._key, _IDLE
         try:
+            if type(key) is weakref.ref:
+                key = key()
+                if key is None:  # the unit is gone: its Session was retired with it
+                    return
             self._owner._exit(key)
         finally:
             self._reset()

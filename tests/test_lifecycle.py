@@ -423,6 +423,39 @@ def test_abandoned_suspended_raw_greenlets_run_their_finally(
     assert len(S.registry) == 0
 
 
+@pytest.mark.parametrize("strategy", ["greenlet", "contextvar", "auto"])
+def test_abandoned_greenlet_suspended_inside_a_scope_block_is_released(
+    strategy: str, factory: sessionmaker[Session], unraisable: list[t.Any]
+) -> None:
+    """The block lives in the greenlet's own frame: it must not keep the greenlet alive.
+
+    Found by tests/test_properties.py: the block's key (and scoped_session's count of
+    live blocks) held the greenlet strongly, a cycle through its frame, so the registry
+    could never let the greenlet go and its finally blocks never ran.
+    """
+    S = scoping.scoped_session(factory, scope=strategy)
+    main = greenlet.getcurrent()
+    finished: list[int] = []
+
+    def request(i: int) -> None:
+        try:
+            with S.scope():
+                S.execute(text("select 1"))
+                main.switch()  # suspended for good inside the block
+        finally:
+            finished.append(i)
+
+    for i in range(10):
+        greenlet.greenlet(request).switch(i)
+    S.registry.collect()
+    gc.collect()
+    S.registry.collect()
+    assert unraisable == []
+    assert sorted(finished) == list(range(10))
+    assert len(S.registry) == 0
+    assert not S._depth and not S._unit_depth
+
+
 # --- item 8: an ended thread's Session is closed without further use --------------
 
 
