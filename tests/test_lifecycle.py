@@ -453,7 +453,8 @@ def test_abandoned_greenlet_suspended_inside_a_scope_block_is_released(
     assert unraisable == []
     assert sorted(finished) == list(range(10))
     assert len(S.registry) == 0
-    assert not S._depth and not S._unit_depth
+    assert not S._depth
+    assert not S._unit_depth
 
 
 # --- item 8: an ended thread's Session is closed without further use --------------
