@@ -85,6 +85,7 @@ from .errors import NoScopeToken, ScopeReentered
 from .guard import SessionGuard
 from .registry import Registry
 from .scopes import AutoScope, ScopeStrategy, strategy_for
+from .session import check_arguments
 
 if t.TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -409,21 +410,13 @@ class async_scoped_session(_sa_async_scoped_session[_AS]):
         scope: str | ScopeStrategy = "auto",
         guard: bool = False,
     ) -> None:
-        if not callable(session_factory):
-            raise TypeError(
-                f"session_factory={session_factory!r} is not callable: pass an "
-                f"async_sessionmaker(engine)"
-            )
-        if not isinstance(guard, bool):
-            raise TypeError(f"guard={guard!r}: pass True or False")
+        check_arguments(session_factory, guard, "sqlalchemy.ext.asyncio.async_sessionmaker(engine)")
         if isinstance(scope, str) and scope in _REFUSED and scopefunc is None:
             raise ValueError(
                 f"scope={scope!r} gives every task of an event loop the same AsyncSession "
                 f"(they all run in one thread and one greenlet): use scope='auto' (one "
                 f"Session per task), 'contextvar' or 'token'"
             )
-        if scopefunc is not None and not callable(scopefunc):
-            raise TypeError(f"scopefunc={scopefunc!r} is not callable")
         self.session_factory = session_factory
         self.strategy = strategy_for(scope, scopefunc)
         self.guard = guard

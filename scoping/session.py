@@ -98,16 +98,7 @@ class scoped_session(_sa_scoped_session[_S]):
         :raises ValueError: unknown strategy name, or ``scopefunc`` with a
           strategy other than ``"auto"``/``"token"``.
         """
-        if not callable(session_factory):
-            raise TypeError(
-                f"session_factory={session_factory!r} is not callable: pass "
-                f"sqlalchemy.orm.sessionmaker(bind=engine)"
-            )
-        if not isinstance(guard, bool):
-            raise TypeError(
-                f"guard= must be True or False, got {guard!r}: guard=True turns the "
-                f"concurrency guard on"
-            )
+        check_arguments(session_factory, guard, "sqlalchemy.orm.sessionmaker(bind=engine)")
         self.session_factory = session_factory
         self.strategy = strategy_for(scope, scopefunc)
         self.guard = guard
@@ -323,6 +314,21 @@ class scoped_session(_sa_scoped_session[_S]):
         return (
             f"<{type(self).__module__}.{type(self).__name__} strategy={self.strategy.name!r} "
             f"live={len(self.registry)}>"
+        )
+
+
+def check_arguments(session_factory: object, guard: object, factory_hint: str) -> None:
+    """Refuse, up front, the arguments every scoped_session class refuses.
+
+    :param factory_hint: what to pass instead, named in the error.
+    :raises TypeError: ``session_factory`` is not callable, or ``guard`` is not a bool.
+    """
+    if not callable(session_factory):
+        raise TypeError(f"session_factory={session_factory!r} is not callable: pass {factory_hint}")
+    if not isinstance(guard, bool):
+        raise TypeError(
+            f"guard= must be True or False, got {guard!r}: guard=True turns the "
+            f"concurrency guard on"
         )
 
 
