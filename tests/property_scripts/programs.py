@@ -44,6 +44,7 @@ import sys
 import tempfile
 import threading
 import traceback
+import types
 import typing as t
 import weakref
 
@@ -234,6 +235,7 @@ class World:
         monkey = sys.modules.get("gevent.monkey")
         self.per_greenlet_threads = bool(monkey and monkey.is_module_patched("threading"))
         self.trace: list[str] = []
+        self.dropped_greenlets = False  # an abandoned raw greenlet was dropped
         self.violations: list[str] = []
         self.errors: list[str] = []
         self.closes: dict[int, int] = {}
@@ -911,6 +913,7 @@ class GreenletDriver(SyncDriver):
         for unit in self.units:
             if not unit.ended:
                 self.world.note(f"{unit.name}: dropped, left to the garbage collector")
+                self.world.dropped_greenlets = True
             unit.g = None  # type: ignore[attr-defined]
         self.units.clear()
         gc.collect()
@@ -1392,9 +1395,42 @@ def run_example(
     del S
     gc.collect()
     kept = ref()
-    if kept is not None:
+    if kept is not None and not (world.dropped_greenlets and _only_in_leaked_frames(kept)):
         holders = [type(r).__name__ for r in gc.get_referrers(kept)][:10]
-        raise world.failure(f"the scoped_session outlived the example (held by {holders})")
+        second = [
+            [type(h).__name__ for h in gc.get_referrers(r)][:6] for r in gc.get_referrers(kept)
+        ][:4]
+        raise world.failure(
+            f"the scoped_session outlived the example (held by {holders}, held by {second})"
+        )
+
+
+def _only_in_leaked_frames(S: t.Any) -> bool:
+    """Is ``S`` held only by scope() blocks that only frames reference?
+
+    The registry (its reaper thread's poll, or a collect() in another thread) may let
+    an abandoned raw greenlet go from a thread other than its own. greenlet can only
+    kill a greenlet in its own thread, so it defers that; if the greenlet's thread
+    exits first, greenlet keeps the frame (with the block in it) and its finally blocks
+    never run. Its Session was retired and closed all the same: the end checks above
+    say so. Only this leak of greenlet's is tolerated here (the frame itself is not
+    visible to gc: what shows is the block's bound ``__exit__`` that ``with`` pushed).
+    """
+    blocks = gc.get_referrers(S)
+    if not blocks or any(type(b).__name__ != "ScopeBlock" for b in blocks):
+        return False
+    for block in blocks:
+        for holder in gc.get_referrers(block):
+            if holder is blocks:
+                continue
+            # A suspended frame, the block's bound __exit__ that `with` left on it, or
+            # this model's record of the block (a _Level, kept in that same frame).
+            leaked = isinstance(holder, (types.FrameType, _Level)) or (
+                isinstance(holder, types.MethodType) and holder.__self__ is block
+            )
+            if not leaked:
+                return False
+    return True
 
 
 @contextlib.contextmanager
