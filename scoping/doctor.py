@@ -673,18 +673,24 @@ def _is_native_lock(lock: t.Any, rt: _Runtime) -> bool | None:
     return None
 
 
-def _check_engines(
-    engines: list[t.Any], names: dict[int, list[str]], rt: _Runtime
-) -> list[Finding]:
-    if not rt.gevent_patched:
-        return []
-    out: list[Finding] = []
+def _distinct_pools(engines: list[t.Any]) -> t.Iterator[tuple[t.Any, t.Any]]:
+    """``(engine, pool)`` for each pool once, with the first engine that uses it."""
     seen: set[int] = set()
     for engine in engines:
         pool = getattr(engine, "pool", None)
         if pool is None or id(pool) in seen:
             continue
         seen.add(id(pool))
+        yield engine, pool
+
+
+def _check_engines(
+    engines: list[t.Any], names: dict[int, list[str]], rt: _Runtime
+) -> list[Finding]:
+    if not rt.gevent_patched:
+        return []
+    out: list[Finding] = []
+    for engine, pool in _distinct_pools(engines):
         label = _first_name(names, engine) or f"Engine {engine.url!r}"
         conn_local = getattr(pool, "_conn", None)
         if type(pool).__name__ == "SingletonThreadPool" and conn_local is not None:
@@ -782,12 +788,7 @@ def _check_inherited(
     if started_at is None:
         return []
     out: list[Finding] = []
-    seen: set[int] = set()
-    for engine in engines:
-        pool = getattr(engine, "pool", None)
-        if pool is None or id(pool) in seen:
-            continue
-        seen.add(id(pool))
+    for engine, pool in _distinct_pools(engines):
         records = _pooled_records(pool)
         inherited = [r for r in records if float(getattr(r, "starttime", 0.0)) < started_at]
         if not inherited:
