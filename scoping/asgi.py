@@ -173,19 +173,10 @@ class SessionMiddleware:
 
     def __init__(self, app: ASGIApp, *sessions: t.Any) -> None:
         from .asyncio import async_scoped_session
+        from .session import check_removable
 
-        if not sessions:
-            raise TypeError(
-                "SessionMiddleware(app, *sessions) needs at least one scoped session: "
-                "pass the scoped_session / async_scoped_session objects to close after "
-                "each request"
-            )
+        check_removable(sessions, "scoped_session / async_scoped_session")
         for session in sessions:
-            if not callable(getattr(session, "remove", None)):
-                raise TypeError(
-                    f"{session!r} has no remove() method: pass the scoped session "
-                    "(Session), not a Session instance (Session())"
-                )
             if not isinstance(getattr(session, "strategy", None), RequestScope):
                 raise TypeError(
                     f"{session!r} is not keyed by the request, so sync endpoints and "

@@ -332,6 +332,26 @@ def check_arguments(session_factory: object, guard: object, factory_hint: str) -
         )
 
 
+def check_removable(sessions: tuple[object, ...], kinds: str) -> None:
+    """Refuse a request middleware's arguments unless each is a scoped session.
+
+    :param kinds: the classes to name in the error (``"scoped_session"``, ...).
+    :raises TypeError: no session given, or one without ``remove()`` (a Session
+      instance passed where its scoped_session belongs).
+    """
+    if not sessions:
+        raise TypeError(
+            f"SessionMiddleware(app, *sessions) needs at least one scoped session: pass "
+            f"the {kinds} objects to remove after each request"
+        )
+    for session in sessions:
+        if not callable(getattr(session, "remove", None)):
+            raise TypeError(
+                f"{session!r} has no remove() method: pass the scoped session "
+                "(Session), not a Session instance (Session())"
+            )
+
+
 _IDLE: t.Final = object()
 
 

@@ -63,17 +63,9 @@ class SessionMiddleware:
     __slots__ = ("app", "sessions")
 
     def __init__(self, app: WSGIApplication, *sessions: Removable) -> None:
-        if not sessions:
-            raise TypeError(
-                "SessionMiddleware(app, *sessions) needs at least one scoped session: "
-                "pass the scoped_session objects to remove after each request"
-            )
-        for session in sessions:
-            if not callable(getattr(session, "remove", None)):
-                raise TypeError(
-                    f"{session!r} has no remove() method: pass the scoped_session "
-                    "registry (Session), not a Session instance (Session())"
-                )
+        from .session import check_removable
+
+        check_removable(sessions, "scoped_session")
         self.app = app
         self.sessions: tuple[Removable, ...] = sessions
 
