@@ -35,6 +35,7 @@ from .scopes import (
     ContextVarScope,
     GreenletScope,
     ScopeStrategy,
+    TaskScope,
     ThreadScope,
     TokenScope,
 )
@@ -56,6 +57,7 @@ __all__ = [
     "ScopeViolation",
     "ScopingError",
     "ScopingWarning",
+    "TaskScope",
     "ThreadScope",
     "TokenScope",
     "__version__",

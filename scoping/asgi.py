@@ -119,7 +119,8 @@ class RequestScope(BaseScope):
     Unit of isolation: the request, as seen from every copy of its context
     (threadpool, ``to_thread``, child tasks). After the response is sent,
     background work has a scope of its own. Outside any request the
-    ``fallback`` strategy decides (``"auto"``: the task, else the greenlet).
+    ``fallback`` strategy decides (``"auto"``: the execution context, so one
+    Session per task, thread, greenlet or ``to_thread`` call).
 
     Cost: one ContextVar read per lookup (plus the fallback's outside a
     request). Cleanup: the middleware closes the Sessions of each scope when

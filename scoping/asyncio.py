@@ -84,7 +84,7 @@ from . import fork
 from .errors import NoScopeToken, ScopeReentered
 from .guard import SessionGuard
 from .registry import Registry
-from .scopes import AutoScope, ScopeStrategy, strategy_for
+from .scopes import ScopeStrategy, TaskScope, strategy_for
 from .session import check_arguments
 
 if t.TYPE_CHECKING:
@@ -418,7 +418,10 @@ class async_scoped_session(_sa_async_scoped_session[_AS]):
                 f"Session per task), 'contextvar' or 'token'"
             )
         self.session_factory = session_factory
-        self.strategy = strategy_for(scope, scopefunc)
+        # "auto" means the task here: an AsyncSession is closed on its task's loop.
+        self.strategy = (
+            TaskScope() if scope == "auto" and scopefunc is None else strategy_for(scope, scopefunc)
+        )
         self.guard = guard
         createfunc: t.Callable[[], _AS] = session_factory
         if guard:
@@ -426,7 +429,7 @@ class async_scoped_session(_sa_async_scoped_session[_AS]):
         self.registry = AsyncRegistry(createfunc, self.strategy)
         # Bound once: the hot path is one key call and one dict lookup. The
         # key call is the strategy's fast key when it declares one; for a
-        # strategy that keys by the running task first ("auto"), it is
+        # strategy that keys by the running task first (TaskScope, "auto"), it is
         # asyncio.current_task itself, which is that key inside a task and
         # misses (None, or RuntimeError outside a loop) everywhere else, so
         # the registry asks the strategy. tests/test_asyncio.py holds both
@@ -533,10 +536,7 @@ class async_scoped_session(_sa_async_scoped_session[_AS]):
 
 def _fast_key(strategy: ScopeStrategy) -> t.Callable[[], t.Hashable]:
     """The cheapest callable that returns ``strategy.current()`` inside a task, or misses."""
-    if (
-        getattr(strategy, "fast_key_kind", None) == "task-else-context"
-        or type(strategy) is AutoScope
-    ):
+    if type(strategy) is TaskScope:
         return asyncio.current_task
     return t.cast("t.Callable[[], t.Hashable]", getattr(strategy, "fast_key", strategy.current))
 

@@ -286,7 +286,8 @@ class Registry(ScopedRegistry[_T]):
             _ensure_reaper()
         obj = self.createfunc()
         current = self.registry.setdefault(key, obj)
-        self._watch(key)
+        if key not in self._watched:  # _watch's own first test, saving a call per Session
+            self._watch(key)
         return current
 
     def _watch(self, key: t.Hashable) -> None:

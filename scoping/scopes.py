@@ -20,9 +20,14 @@ strategy        one Session per ...                           scope ends when
                                                                no one else holds it
 ``token``       token bound by ``Session.scope(token)`` or     the outermost
                 returned by ``scopefunc``                      ``scope()`` exits
-``auto``        asyncio task inside a running task, else       the task ends, or as
-                execution context, as ``contextvar``           ``contextvar``
+``auto``        execution context, as ``contextvar``: each     as ``contextvar``
+                thread, greenlet, asyncio task and
+                ``to_thread`` call runs in its own
 ==============  ============================================  ====================
+
+:class:`TaskScope` (one Session per asyncio task, else per execution context)
+is what :class:`scoping.asyncio.async_scoped_session` means by ``"auto"``:
+an AsyncSession must be closed on its task's loop, when that task ends.
 
 Nothing here touches :mod:`threading` attributes, gevent or asyncio at import
 time: every decision is taken when a Session is used, so building a strategy
@@ -58,6 +63,7 @@ __all__ = [
     "ContextVarScope",
     "GreenletScope",
     "ScopeStrategy",
+    "TaskScope",
     "ThreadScope",
     "TokenScope",
     "strategy_for",
@@ -73,14 +79,16 @@ another thread, so it never does I/O. The registry's callback also has a
 ``poll(key)`` method: "this key may have ended, check it with is_ended()
 from time to time"."""
 
-FastKeyKind = t.Literal["exact", "fast", "context", "task-else-context"]
+FastKeyKind = t.Literal["exact", "fast", "greenlet", "context"]
 """How :mod:`scoping.session` computes the key on a hit:
 
 - ``"exact"``: ``fast_key()`` always equals ``current()``;
 - ``"fast"``: ``fast_key()`` equals ``current()`` or is never a registry key
   (a miss, after which ``current()`` decides);
-- ``"context"`` and ``"task-else-context"``: shapes inlined in the session's
-  hot path (see ContextVarScope and AutoScope), equal to ``fast_key()``.
+- ``"greenlet"`` and ``"context"``: as ``"fast"``, with ``fast_key()`` one of
+  two shapes that the session's hot path inlines: ``greenlet.getcurrent()``
+  (GreenletScope, ThreadScope), and ``id(greenlet.getcurrent().gr_context)``
+  (ContextVarScope, AutoScope).
 """
 
 
@@ -167,6 +175,7 @@ class GreenletScope(BaseScope):
 
     __slots__ = ("current", "fast_key")
     name = "greenlet"
+    fast_key_kind: FastKeyKind = "greenlet"
 
     def __init__(self) -> None:
         # greenlet.getcurrent is never patched by gevent: binding it is safe.
@@ -203,7 +212,7 @@ class ThreadScope(BaseScope):
 
     __slots__ = ("current", "fast_key")
     name = "thread"
-    fast_key_kind: FastKeyKind = "fast"
+    fast_key_kind: FastKeyKind = "greenlet"
 
     def __init__(self) -> None:
         getcurrent = _units.getcurrent()
@@ -378,28 +387,19 @@ class ContextVarScope(BaseScope):
         return True
 
 
-class _Unbound:
-    __slots__ = ()
-
-    def __repr__(self) -> str:
-        return "<no token>"
-
-
-_UNBOUND: t.Final = _Unbound()
-
-
 class _Binding:
     """One ``bind()``: the token, and the identity of the block that bound it.
 
     A child that copied its parent's context holds the parent's binding; once
-    that block has exited the binding is dead, even if another block has
-    bound an equal token since.
+    that block has exited the binding is dead (``live`` is False), even if
+    another block has bound an equal token since.
     """
 
-    __slots__ = ("__weakref__", "token")
+    __slots__ = ("__weakref__", "live", "token")
 
     def __init__(self, token: t.Hashable) -> None:
         self.token = token
+        self.live = True
 
 
 class TokenScope(BaseScope):
@@ -424,7 +424,7 @@ class TokenScope(BaseScope):
     ``scopefunc`` call when no token is bound. Fork: the child forgets inherited Sessions.
     """
 
-    __slots__ = ("_bound", "_live", "scopefunc")
+    __slots__ = ("_bound", "current", "fast_key", "scopefunc")
     name = "token"
 
     def __init__(self, scopefunc: t.Callable[[], t.Hashable] | None = None) -> None:
@@ -436,81 +436,112 @@ class TokenScope(BaseScope):
                 )
             _warn_if_ident(scopefunc)
         self.scopefunc = scopefunc
-        self._bound: contextvars.ContextVar[_Binding | _Unbound] = contextvars.ContextVar(
-            "scoping.TokenScope.bound", default=_UNBOUND
+        self._bound: contextvars.ContextVar[_Binding | None] = contextvars.ContextVar(
+            "scoping.TokenScope.bound", default=None
         )
-        # the bindings whose scope() block has not exited (set ops are atomic)
-        self._live: set[_Binding] = set()
+        bound = self._bound.get
 
-    def current(self) -> t.Hashable:
-        binding = self._bound.get()
-        if binding is not _UNBOUND:
-            if binding in self._live:
-                return binding.token
-            raise ScopeEnded(
-                f"token {binding.token!r} is bound in this context, but the "  # type: ignore[union-attr]
-                f"`Session.scope(...)` block that bound it has exited: this task or greenlet "
-                f"copied the block's context and outlived it. Open its own "
-                f"`with Session.scope(token):` block, or finish child work before the "
-                f"parent's block exits"
-            )
-        if self.scopefunc is not None:
-            token = self.scopefunc()
-            if token is None:
-                raise NoScopeToken(
-                    f"scopefunc {getattr(self.scopefunc, '__qualname__', self.scopefunc)!r} "
-                    f"returned None, which would give every caller one shared Session: make "
-                    f"it return a key for every unit of work, or raise when there is none"
+        def current() -> t.Hashable:
+            binding = bound()
+            if binding is not None:
+                if binding.live:
+                    return binding.token
+                raise ScopeEnded(
+                    f"token {binding.token!r} is bound in this context, but the "
+                    f"`Session.scope(...)` block that bound it has exited: this task or "
+                    f"greenlet copied the block's context and outlived it. Open its own "
+                    f"`with Session.scope(token):` block, or finish child work before the "
+                    f"parent's block exits"
                 )
-            return token
-        raise NoScopeToken(
-            "no token is bound for this scope='token' session: wrap the unit of work in "
-            "`with Session.scope(token):`, or pass scopefunc= to scoped_session()"
-        )
+            if scopefunc is not None:
+                token = scopefunc()
+                if token is None:
+                    raise NoScopeToken(
+                        f"scopefunc {getattr(scopefunc, '__qualname__', scopefunc)!r} "
+                        f"returned None, which would give every caller one shared Session: "
+                        f"make it return a key for every unit of work, or raise when there "
+                        f"is none"
+                    )
+                return token
+            raise NoScopeToken(
+                "no token is bound for this scope='token' session: wrap the unit of work in "
+                "`with Session.scope(token):`, or pass scopefunc= to scoped_session()"
+            )
 
-    def bind(self, token: t.Hashable) -> contextvars.Token[_Binding | _Unbound]:
+        # A closure, not a method: the hot path then reads no attributes.
+        self.current: t.Callable[[], t.Hashable] = current
+        self.fast_key = current  # type: ignore[misc]
+
+    def bind(self, token: t.Hashable) -> contextvars.Token[_Binding | None]:
         """Make ``token`` current until :meth:`reset` is called with the result."""
-        check_hashable(token, self)
+        try:
+            hash(token)
+        except TypeError:
+            check_hashable(token, self)  # raises, naming the type and the fix
         if token is None:
             raise TypeError("None is not a token: pass the unit of work's key")
-        binding = _Binding(token)
-        self._live.add(binding)
-        return self._bound.set(binding)
+        return self._bound.set(_Binding(token))
 
-    def reset(self, handle: contextvars.Token[_Binding | _Unbound]) -> None:
+    def reset(self, handle: contextvars.Token[_Binding | None]) -> None:
         """Restore the token that was current before :meth:`bind`."""
         binding = self._bound.get()
         self._bound.reset(handle)
-        self._live.discard(binding)
+        if binding is not None:
+            binding.live = False  # copies of the context that hold it see it end
 
 
 class AutoScope(ContextVarScope):
-    """Per asyncio task inside a running task, else per execution context.
+    """The default: one Session per execution context, whatever runs it.
 
-    Decided at each use, never at import: inside an asyncio task the key is
-    the task; elsewhere it is the current :class:`contextvars.Context`, as
-    with ``"contextvar"``: one per thread, one per greenlet (gevent greenlets
-    and raw greenlets start with an empty Context), and one per
-    ``asyncio.to_thread`` / ``run_in_executor`` call that copies the task's
-    context, so work hopped to an executor thread never shares a Session
-    with another task's work, and its Session ends with that call.
+    Unit of isolation: the current :class:`contextvars.Context`, the rule of
+    ``"contextvar"``, which is right in every runtime: one per thread, one
+    per greenlet (gevent greenlets and raw greenlets start with an empty
+    Context), one per asyncio task (each runs in a copy of its creator's
+    context), and one per ``asyncio.to_thread`` / ``run_in_executor`` call
+    that copies the task's context, so work hopped to an executor thread
+    never shares a Session with another task's work, and its Session ends
+    with that call. Decided at each use, never at import.
 
-    Cost: one C call for the running loop, then one C call and one
-    attribute read. Cleanup: as the task ends (done or cancelled), or as
-    ``"contextvar"``; a ``to_thread`` call's Session when the call's Context
-    is freed. Fork: the child forgets inherited Sessions.
+    Tasks made with an explicit shared ``context=`` share that Context's
+    Session, as they share its variables. :class:`TaskScope` keys by the
+    task instead (what :class:`scoping.asyncio.async_scoped_session` means by
+    ``"auto"``).
+
+    Cost, cleanup and fork: as ``"contextvar"``; a task's Session is closed
+    when the task ends (done or cancelled) and nothing else holds its
+    Context, a ``to_thread`` call's when the call's Context is freed.
     """
 
     __slots__ = ()
     name = "auto"
-    fast_key_kind: FastKeyKind = "task-else-context"
+    fast_key_kind: FastKeyKind = "context"  # declared here: only a class's own counts
+
+
+class TaskScope(ContextVarScope):
+    """One Session per asyncio task inside a running task, else per execution context.
+
+    Unit of isolation: the running :class:`asyncio.Task`; outside a task
+    (threads, greenlets, ``to_thread`` calls), the current
+    :class:`contextvars.Context`, as with ``"contextvar"``. This is what
+    :class:`scoping.asyncio.async_scoped_session` uses for ``scope="auto"``:
+    an AsyncSession belongs to the task (and loop) that made it. Two tasks
+    given one shared ``context=`` get a Session each.
+
+    Cost: one C call for the running loop and one for the task, on top of
+    ``"contextvar"``'s outside a task. Cleanup: as the task ends (done or
+    cancelled, from its done-callback), or as ``"contextvar"``. Fork: the
+    child forgets inherited Sessions.
+    """
+
+    __slots__ = ()
+    name = "task"
+    fast_key_kind: FastKeyKind = "exact"
 
     def __init__(self) -> None:
         super().__init__()
         from asyncio import current_task, events
 
         get_running_loop = events._get_running_loop
-        getcurrent = self._getcurrent
         by_context = self.current
 
         def current() -> t.Hashable:
@@ -521,13 +552,8 @@ class AutoScope(ContextVarScope):
                     return task
             return by_context()
 
-        def fast_key() -> t.Hashable:
-            if get_running_loop() is None:
-                return id(getcurrent().gr_context)
-            return current()
-
         self.current = current
-        self.fast_key = fast_key  # type: ignore[misc]
+        self.fast_key = current  # type: ignore[misc]
 
     def watch(self, key: t.Hashable, on_end: OnEnd) -> bool:
         if isinstance(key, int):
@@ -572,6 +598,26 @@ _NAMED: dict[str, t.Callable[[], ScopeStrategy]] = {
     "auto": AutoScope,
 }
 assert tuple(_NAMED) == STRATEGY_NAMES
+
+
+def fast_key_kind(
+    scope: str | ScopeStrategy, scopefunc: t.Callable[[], t.Hashable] | None = None
+) -> FastKeyKind:
+    """The :data:`FastKeyKind` of the strategy ``strategy_for(scope, scopefunc)`` gives.
+
+    Read from that strategy's own class, never inherited: a subclass that
+    redefines ``current()`` without declaring its kind is ``"exact"``. Known
+    before the strategy is made (bad arguments give ``"exact"``; building the
+    strategy then raises).
+    """
+    if scopefunc is not None:
+        cls: type[t.Any] | None = TokenScope
+    elif isinstance(scope, str):
+        cls = t.cast("type[t.Any] | None", _NAMED.get(scope))
+    else:
+        cls = type(scope)
+    kind = vars(cls).get("fast_key_kind", "exact") if cls is not None else "exact"
+    return t.cast(FastKeyKind, kind)
 
 
 def strategy_for(

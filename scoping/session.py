@@ -31,7 +31,7 @@ from . import _units, fork
 from .errors import ScopeReentered
 from .guard import SessionGuard
 from .registry import Registry
-from .scopes import ScopeStrategy, strategy_for
+from .scopes import GreenletScope, ScopeStrategy, fast_key_kind, strategy_for
 
 if t.TYPE_CHECKING:
     from sqlalchemy.engine import Engine
@@ -67,6 +67,18 @@ class scoped_session(_sa_scoped_session[_S]):
 
     registry: Registry[_S]
     strategy: ScopeStrategy
+
+    def __new__(
+        cls,
+        session_factory: t.Any = None,
+        scopefunc: t.Callable[[], t.Any] | None = None,
+        *,
+        scope: str | ScopeStrategy = "auto",
+        guard: bool = False,
+    ) -> scoped_session[_S]:
+        # The class whose hot path inlines the strategy's key shape, chosen
+        # before the instance exists (see _inlined_class).
+        return super().__new__(_inlined_class(cls, fast_key_kind(scope, scopefunc)) or cls)
 
     def __init__(
         self,
@@ -110,35 +122,25 @@ class scoped_session(_sa_scoped_session[_S]):
         # lookup plus the strategy's key.
         self._sessions = self.registry.registry
         self._current = self.strategy.current
-        # Each strategy declares its hot-path key (scopes.FastKeyKind):
-        # "exact" and "fast" strategies give a fast_key callable (a C function
-        # for thread and greenlet); two shapes are inlined below so that a
-        # hit makes no Python call besides the property itself:
-        # - "context": the id of the running Context. gr_context is None
-        #   until the greenlet has a Context; id(None) is never a key, so
-        #   that case misses and goes through the strategy, which makes it.
-        # - "task-else-context": the same outside a running asyncio loop;
-        #   with a loop running, the strategy decides.
-        # Declared by the strategy's own class only: a subclass that redefines
-        # current() falls back to calling it ("exact").
+        # Each strategy declares its hot-path key (scopes.FastKeyKind), on its
+        # own class only: a subclass that redefines current() falls back to
+        # calling it ("exact"). "exact" and "fast" keys are called through
+        # self._fast; the "greenlet" and "context" shapes are inlined by a
+        # subclass of this class (_inlined_class), so that a hit makes no
+        # Python call besides the property itself.
+        # The inlined subclass is picked in __new__, before the instance
+        # exists: swapping __class__ afterwards would leave the attribute
+        # layout of the first class, and every self._sessions read slower.
         declared = vars(type(self.strategy))
-        kind = declared.get("fast_key_kind", "exact")
-        self._fast: t.Callable[[], t.Hashable] | None = None
-        self._miss: t.Callable[[t.Hashable], _S] = self.registry._create
-        self._inline_getcurrent: t.Callable[[], t.Any] | None = None
-        self._inline_running_loop: t.Callable[[], t.Any] | None = None
-        if kind in ("context", "task-else-context"):
-            from greenlet import getcurrent
-
-            self._inline_getcurrent = getcurrent
-            if kind == "task-else-context":
-                from asyncio import events
-
-                self._inline_running_loop = events._get_running_loop
-        else:
-            self._fast = self.strategy.fast_key if "fast_key" in declared else self._current  # type: ignore[attr-defined]
-            if kind == "fast":  # a miss of the fast key: current() decides
-                self._miss = self._registry_miss
+        kind = fast_key_kind(self.strategy)
+        self._fast: t.Callable[[], t.Hashable] = (
+            self.strategy.fast_key if "fast_key" in declared else self._current  # type: ignore[attr-defined]
+        )
+        self._miss: t.Callable[[t.Hashable], _S] = self._registry_miss
+        if kind == "exact" or type(self.strategy) is GreenletScope:
+            self._miss = self.registry._create  # the fast key is the key
+        elif kind == "context":
+            self._miss = self._context_miss
         # Live scope() blocks per key. Greenlet and task keys are held weakly:
         # a block suspended in an abandoned raw greenlet must not keep that
         # greenlet alive, or the registry could never let it go (and its
@@ -150,27 +152,21 @@ class scoped_session(_sa_scoped_session[_S]):
 
     @property
     def _proxied(self) -> _S:
-        fast = self._fast
-        if fast is not None:
-            key = fast()  # outside the try: a scopefunc's KeyError propagates
-            try:
-                return self._sessions[key]
-            except KeyError:
-                return self._miss(key)
-            except TypeError:
-                return self.registry()  # raises the unhashable-key error
-        running_loop = self._inline_running_loop
-        if running_loop is None or running_loop() is None:
-            key = id(self._inline_getcurrent().gr_context)  # type: ignore[misc]
-        else:
-            key = self._current()
+        key = self._fast()  # outside the try: a scopefunc's KeyError propagates
         try:
             return self._sessions[key]
         except KeyError:
-            return self.registry()  # the strategy computes the key (and Context)
+            return self._miss(key)
+        except TypeError:
+            return self.registry()  # raises the unhashable-key error
 
     def _registry_miss(self, key: t.Hashable) -> _S:
-        return self.registry()
+        return self.registry()  # the fast key may not be the key: current() decides
+
+    def _context_miss(self, key: t.Hashable) -> _S:
+        if key == _NO_CONTEXT:
+            return self.registry()  # the strategy makes the Context, then the key
+        return self.registry._create(key)
 
     def __call__(self, **kw: t.Any) -> _S:
         if kw:
@@ -180,25 +176,13 @@ class scoped_session(_sa_scoped_session[_S]):
             return session
         # The body of _proxied, repeated on purpose: Session() is called once
         # or more per request, and a property call here costs 15-20 %.
-        fast = self._fast
-        if fast is not None:
-            key = fast()
-            try:
-                session = self._sessions[key]
-            except KeyError:
-                session = self._miss(key)
-            except TypeError:
-                session = self.registry()
-        else:
-            running_loop = self._inline_running_loop
-            if running_loop is None or running_loop() is None:
-                key = id(self._inline_getcurrent().gr_context)  # type: ignore[misc]
-            else:
-                key = self._current()
-            try:
-                session = self._sessions[key]
-            except KeyError:
-                session = self.registry()
+        key = self._fast()
+        try:
+            session = self._sessions[key]
+        except KeyError:
+            session = self._miss(key)
+        except TypeError:
+            session = self.registry()
         if session._is_asyncio:
             return super().__call__()  # SQLAlchemy's own deprecation warning
         return session
@@ -287,17 +271,23 @@ class scoped_session(_sa_scoped_session[_S]):
             lock = self._depth_lock = threading.Lock()
         return lock
 
-    def _depths(self, key: t.Hashable) -> t.MutableMapping[t.Any, int]:
-        return self._unit_depth if _units.is_unit(key) else self._depth
-
-    def _enter(self, key: t.Hashable) -> None:
-        depths = self._depths(key)
+    def _enter(self, key: t.Hashable, depths: t.MutableMapping[t.Any, int]) -> _S:
+        """Count a block into scope ``key`` (``depths``: _depth, or _unit_depth for a unit)."""
         with self._depth_lock or self._lock():
             depths[key] = depths.get(key, 0) + 1
+        try:
+            session = self._sessions.get(key)
+            if session is None:
+                session = self.registry._create(key)  # key is the strategy's current()
+            if session._is_asyncio:
+                return self()  # SQLAlchemy's own deprecation warning
+            return session
+        except BaseException:
+            self._exit(key, depths)
+            raise
 
-    def _exit(self, key: t.Hashable) -> None:
+    def _exit(self, key: t.Hashable, depths: t.MutableMapping[t.Any, int]) -> None:
         session = None
-        depths = self._depths(key)
         with self._depth_lock or self._lock():
             depth = depths[key] - 1
             if depth:
@@ -352,6 +342,122 @@ def check_removable(sessions: tuple[object, ...], kinds: str) -> None:
             )
 
 
+# --- inlined hot paths ----------------------------------------------------------
+# greenlet.getcurrent is never patched by gevent, so binding it at import is
+# safe (scoping._units.getcurrent is its one home); nothing else is bound here.
+_getcurrent = _units.getcurrent()
+
+
+class _GreenletKeyed(scoped_session[_S]):
+    """Hot path for the ``"greenlet"`` key shape: ``greenlet.getcurrent()``.
+
+    The running greenlet is the key, or (a raw greenlet of an unpatched
+    thread under ``"thread"``) not a key at all: then ``current()`` decides.
+    """
+
+    @property
+    def _proxied(self) -> _S:
+        key = _getcurrent()
+        try:
+            return self._sessions[key]
+        except KeyError:
+            return self._miss(key)
+
+    def __call__(self, **kw: t.Any) -> _S:
+        if kw:
+            return scoped_session.__call__(self, **kw)
+        key = _getcurrent()
+        try:
+            session = self._sessions[key]
+        except KeyError:
+            session = self._miss(key)
+        if session._is_asyncio:
+            return _sa_scoped_session.__call__(self)  # SQLAlchemy's deprecation warning
+        return session
+
+    def remove(self) -> None:
+        session = self.registry._discard(_getcurrent())
+        if session is None:  # not the key (see above), or nothing to remove
+            session = self.registry._pop_current()
+        if session is not None:
+            session.close()
+
+    remove.__doc__ = scoped_session.remove.__doc__
+
+
+class _ContextKeyed(scoped_session[_S]):
+    """Hot path for the ``"context"`` key shape: the running Context's id.
+
+    ``gr_context`` is None until the greenlet has a Context; ``id(None)`` is
+    never a key, so that case misses and goes through the strategy, which
+    makes the Context (and no Session can exist there to remove).
+    """
+
+    @property
+    def _proxied(self) -> _S:
+        key = id(_getcurrent().gr_context)
+        try:
+            return self._sessions[key]
+        except KeyError:
+            return self._miss(key)
+
+    def __call__(self, **kw: t.Any) -> _S:
+        if kw:
+            return scoped_session.__call__(self, **kw)
+        key = id(_getcurrent().gr_context)
+        try:
+            session = self._sessions[key]
+        except KeyError:
+            session = self._miss(key)
+        if session._is_asyncio:
+            return _sa_scoped_session.__call__(self)  # SQLAlchemy's deprecation warning
+        return session
+
+    def remove(self) -> None:
+        session = self.registry._discard(id(_getcurrent().gr_context))
+        if session is not None:
+            session.close()
+
+    remove.__doc__ = scoped_session.remove.__doc__
+
+
+_NO_CONTEXT: t.Final = id(None)
+
+
+_INLINED: dict[str, type[scoped_session[t.Any]]] = {
+    "greenlet": _GreenletKeyed,
+    "context": _ContextKeyed,
+}
+_inlined_classes: dict[tuple[type[t.Any], str], type[t.Any]] = {}
+
+
+def _inlined_class(cls: type[scoped_session[t.Any]], kind: str) -> type[t.Any] | None:
+    """The subclass of ``cls`` whose hot path inlines the ``kind`` key shape, if any.
+
+    A class per (cls, kind), made once and cached: it has ``cls``'s name, and
+    ``isinstance`` with ``cls`` (and any user subclass) holds. None when the
+    shape has no inlined path, or when ``cls`` overrides ``_proxied`` or
+    ``__call__`` itself (its own code then runs as written).
+    """
+    inline = _INLINED.get(kind)
+    if inline is None or issubclass(cls, inline):
+        return None
+    for klass in cls.__mro__:
+        if klass is scoped_session:
+            break
+        if "_proxied" in vars(klass) or "__call__" in vars(klass):
+            return None
+    made = _inlined_classes.get((cls, kind))
+    if made is None:
+        made = type(
+            cls.__name__,
+            (inline, cls),
+            {"__module__": cls.__module__, "__qualname__": cls.__qualname__, "__slots__": ()},
+        )
+        _inlined_classes[(cls, kind)] = made
+    return made
+
+
 _IDLE: t.Final = object()
 
 
@@ -388,16 +494,16 @@ class ScopeBlock(t.Generic[_S]):
             # A unit key is held weakly (see scoped_session._unit_depth): the
             # block lives in the unit's own frame, so a strong reference would
             # make a cycle that keeps an abandoned greenlet alive forever.
-            self._key = weakref.ref(key) if _units.is_unit(key) else key
-            owner._enter(key)
-            try:
-                return owner()
-            except BaseException:
-                owner._exit(key)
-                raise
+            if _units.is_unit(key):
+                self._key = weakref.ref(key)
+                return owner._enter(key, owner._unit_depth)
+            self._key = key
+            return owner._enter(key, owner._depth)
         except BaseException:
             self._key = _IDLE
-            self._reset()
+            handle, self._handle = self._handle, None
+            if handle is not None:
+                strategy.reset(handle)  # type: ignore[attr-defined]
             raise
 
     def __exit__(self, *exc_info: object) -> None:
@@ -407,11 +513,10 @@ class ScopeBlock(t.Generic[_S]):
                 key = key()
                 if key is None:  # the unit is gone: its Session was retired with it
                     return
-            self._owner._exit(key)
+                self._owner._exit(key, self._owner._unit_depth)
+            else:
+                self._owner._exit(key, self._owner._depth)
         finally:
-            self._reset()
-
-    def _reset(self) -> None:
-        handle, self._handle = self._handle, None
-        if handle is not None:
-            self._owner.strategy.reset(handle)  # type: ignore[attr-defined]
+            handle, self._handle = self._handle, None
+            if handle is not None:
+                self._owner.strategy.reset(handle)  # type: ignore[attr-defined]

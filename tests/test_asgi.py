@@ -376,10 +376,11 @@ def test_request_scope_outside_a_request_is_its_fallback() -> None:
     assert current_phase() is None
     assert strategy.current() == scoping.AutoScope().current()
 
-    async def inside() -> object:
-        return strategy.current()
+    async def inside() -> tuple[object, object]:
+        return strategy.current(), strategy.fallback.current()
 
-    assert isinstance(asyncio.run(inside()), asyncio.Task)
+    in_task, fallback_in_task = asyncio.run(inside())
+    assert in_task == fallback_in_task != strategy.current()  # the task's own Context
 
 
 def test_lifespan_passes_through() -> None:

@@ -65,7 +65,10 @@ FAST_KEY_PROBE = """
         S._proxied is made,  # the session's inlined / fast path finds it
         S() is made,
         len(S.registry.registry) == before + 1,  # and never made a second one
-        S.strategy.fast_key() == key or S.strategy.fast_key_kind == "fast",
+        # the fast key is the key, or (kinds other than "exact") never a key
+        S.strategy.fast_key() == key
+        or (S.strategy.fast_key_kind != "exact"
+            and S.strategy.fast_key() not in S.registry.registry),
     ])
 """
 

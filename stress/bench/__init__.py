@@ -30,6 +30,11 @@ Sections
 ``aproxy``  the proxy section for ``scoping.asyncio.async_scoped_session``
 ``acycle``  against SQLAlchemy's ``async_scoped_session``, and the per-request
             cycle in a fresh task per request (see :mod:`stress.bench.aio`).
+
+``--against REV`` adds the proxy section run with ``scoping/`` as of a git
+revision (``git archive``), in children that alternate with this tree's, and
+judges "no worse than REV" on each side's ratio to SQLAlchemy's proxy measured
+in the same child (see :func:`bench_against`).
 """
 
 from __future__ import annotations
@@ -109,9 +114,9 @@ def proxy_variants(guards: bool = True) -> t.Iterator[list[tuple[str, t.Any]]]:
                 obj.remove()
 
 
-def bench_proxy(number: int, rounds: int) -> Json:
+def bench_proxy(number: int, rounds: int, guards: bool = True) -> Json:
     """Per-call cost of the proxy for every variant, interleaved; see the module doc."""
-    with proxy_variants() as variants:
+    with proxy_variants(guards) as variants:
         samples: dict[tuple[str, str], float] = {}
         empty = timeit.Timer("pass")
         best_empty = float("inf")
@@ -339,21 +344,80 @@ def _child_env() -> dict[str, str]:
     return env
 
 
-def _worker(kind: str, args: Json, timeout: float) -> Json:
-    # The arguments (which may hold a DSN) go on stdin, never in argv.
+def _worker(kind: str, args: Json, timeout: float, cwd: str = ROOT) -> Json:
+    # The arguments (which may hold a DSN) go on stdin, never in argv. The
+    # child imports scoping from cwd first (python -m puts cwd on sys.path[0]).
     proc = subprocess.run(
         [sys.executable, "-m", "stress.bench.worker", kind],
         input=json.dumps(args) + "\n",
         capture_output=True,
         text=True,
         timeout=timeout,
-        cwd=ROOT,
+        cwd=cwd,
         env=_child_env(),
         check=False,
     )
     if proc.returncode != 0:
         raise RuntimeError(f"bench worker {kind} {args} failed:\n{proc.stderr[-3000:]}")
     return t.cast(Json, json.loads(proc.stdout.strip().splitlines()[-1]))
+
+
+def bench_against(rev: str, number: int, rounds: int, repeats: int) -> Json:
+    """The proxy section with this tree's ``scoping`` and with ``rev``'s, alternately.
+
+    ``rev``'s ``scoping/`` is taken with ``git archive`` into a temporary tree
+    (beside a link to this ``stress/``); each side runs in its own child, the
+    sides alternate ``repeats`` times, and each figure is the minimum over
+    them. Ratios are to SQLAlchemy's proxy measured in the same child, so a
+    side's ratio does not depend on the machine's speed at that moment.
+    """
+    import io
+    import tarfile
+
+    archive = subprocess.run(
+        ["git", "archive", rev, "scoping"], cwd=ROOT, capture_output=True, check=False
+    )
+    if archive.returncode != 0:
+        raise SystemExit(
+            f"--against {rev}: git archive failed ({archive.stderr.decode(errors='replace')[-300:]}"
+            f"): pass a commit or tag of this repository"
+        )
+    best: dict[str, dict[tuple[str, str], float]] = {"now": {}, rev: {}}
+    files: dict[str, str] = {}
+    with tempfile.TemporaryDirectory(prefix="scoping-against-") as tmp:
+        with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
+            if hasattr(tarfile, "data_filter"):  # Python >= 3.10.12 / 3.11.4
+                tar.extractall(tmp, filter="data")
+            else:
+                tar.extractall(tmp)
+        os.symlink(os.path.join(ROOT, "stress"), os.path.join(tmp, "stress"))
+        trees = {"now": ROOT, rev: tmp}
+        for i in range(repeats):
+            for side in ["now", rev] if i % 2 == 0 else [rev, "now"]:
+                _log(f"against {rev}: {side} ({i + 1}/{repeats})")
+                res = _worker("proxy", {"number": number, "rounds": rounds}, 600, trees[side])
+                files[side] = os.path.relpath(res["scoping_file"], trees[side])
+                if files[side].startswith(".."):  # an installed scoping shadowed the tree's
+                    raise RuntimeError(f"--against: the {side} child imported {files[side]}")
+                for name, ops in res["results"].items():
+                    for op, cell in ops.items():
+                        key = (name, op)
+                        best[side][key] = min(best[side].get(key, float("inf")), cell["ns"])
+    results: dict[str, dict[str, Json]] = {}
+    for side, cells in best.items():
+        for (name, op), ns in cells.items():
+            base = cells[("sqlalchemy", op)]
+            results.setdefault(name, {}).setdefault(op, {})[side] = {
+                "ns": round(ns, 1),
+                "ratio": round(ns / base, 3),
+            }
+    return {
+        "rev": rev,
+        "ops": {"info": "Session.info", "method": f"Session.{PROXY_METHOD}", "call": "Session()"},
+        "stat": f"min over {repeats} alternating children of {rounds} rounds of {number} loops",
+        "scoping_files": files,
+        "results": results,
+    }
 
 
 def bench_scale(sizes: list[int], number: int, rounds: int) -> Json:
@@ -544,10 +608,16 @@ def _goals(report: Json) -> list[Json]:
     return out
 
 
+# The registry's own cost: a proxied attribute and Session(). A proxied method
+# (get_bind) adds SQLAlchemy's generated forwarding method, the same code in
+# every variant, so its ratio is shown, not judged.
+JUDGED_OPS = ("info", "call")
+
+
 def _goals_proxy(proxy: Json) -> list[Json]:
     out: list[Json] = []
     for strat in STRATEGIES:
-        for op in PROXY_OPS:
+        for op in JUDGED_OPS:
             ratio = proxy["results"][strat][op]["ratio"]
             out.append(
                 {
@@ -657,8 +727,26 @@ def _goals_acycle(acycle: Json) -> list[Json]:
     return out
 
 
+def _goals_against(against: Json) -> list[Json]:
+    out: list[Json] = []
+    rev = against["rev"]
+    for strat in STRATEGIES:
+        for op in JUDGED_OPS:
+            cell = against["results"][strat][op]
+            out.append(
+                {
+                    "goal": f"proxy {strat} {against['ops'][op]} no worse than {rev} "
+                    f"(ratio to sqlalchemy)",
+                    "measured": f"{cell['now']['ratio']:.3f}x vs {cell[rev]['ratio']:.3f}x",
+                    "met": cell["now"]["ratio"] <= cell[rev]["ratio"],
+                }
+            )
+    return out
+
+
 _GOALS: dict[str, t.Callable[[Json], list[Json]]] = {
     "proxy": _goals_proxy,
+    "against": _goals_against,
     "scale": _goals_scale,
     "memory": _goals_memory,
     "e2e": _goals_e2e,
@@ -839,8 +927,29 @@ def _render_acycle(acycle: Json) -> str:
     )
 
 
+def _render_against(against: Json) -> str:
+    rev = against["rev"]
+    headers = ["variant"]
+    for op in PROXY_OPS:
+        headers += [f"{against['ops'][op]} now", f"{against['ops'][op]} {rev}"]
+    rows = []
+    for name, ops in against["results"].items():
+        row = [name]
+        for op in PROXY_OPS:
+            for side in ("now", rev):
+                cell = ops.get(op, {}).get(side)
+                row.append("-" if cell is None else f"{cell['ns']:.1f} ({cell['ratio']:.2f}x)")
+        rows.append(row)
+    return (
+        f"### Proxy overhead against {rev}\n\nns per call (ratio to SQLAlchemy's proxy in the "
+        f"same child); {against['stat']}. Each side imported its own "
+        f"`{against['scoping_files'].get(rev, '?')}`.\n\n" + _table(headers, rows)
+    )
+
+
 _RENDER: dict[str, t.Callable[[Json], str]] = {
     "proxy": _render_proxy,
+    "against": _render_against,
     "calls": _render_calls,
     "cycle": _render_cycle,
     "scale": _render_scale,
@@ -893,12 +1002,25 @@ def _meta(argv: list[str]) -> Json:
     }
 
 
-def run(sections: t.Sequence[str], quick: bool, dsn: str | None, argv: list[str]) -> Json:
+def run(
+    sections: t.Sequence[str],
+    quick: bool,
+    dsn: str | None,
+    argv: list[str],
+    against: str | None = None,
+) -> Json:
     report: Json = {"meta": _meta(argv), "quick": quick, "sections": list(sections)}
     started = time.perf_counter()
     if "proxy" in sections:
         _log("proxy")
         report["proxy"] = bench_proxy(number=2_000 if quick else 20_000, rounds=3 if quick else 25)
+    if against:
+        report["against"] = bench_against(
+            against,
+            number=2_000 if quick else 20_000,
+            rounds=3 if quick else 25,
+            repeats=1 if quick else 3,
+        )
     if "calls" in sections:
         _log("calls")
         report["calls"] = call_counts()
@@ -951,12 +1073,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--dsn", default=None, help="PostgreSQL admin DSN for e2e (default: stress.postgres order)"
     )
+    parser.add_argument(
+        "--against",
+        metavar="REV",
+        default=None,
+        help="also run the proxy section with scoping/ as of this git commit, alternating "
+        "with this tree, and judge 'no worse than REV' (e.g. --against c06080a)",
+    )
     args = parser.parse_args(argv)
     sections = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = sorted(set(sections) - set(SECTIONS))
     if unknown:
         parser.error(f"unknown section(s) {', '.join(unknown)}: use {','.join(SECTIONS)}")
-    report = run([s for s in SECTIONS if s in sections], args.quick, args.dsn, argv)
+    report = run([s for s in SECTIONS if s in sections], args.quick, args.dsn, argv, args.against)
     sys.stdout.write(render(report))
     if args.json:
         with open(args.json, "w") as fh:

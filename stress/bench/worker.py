@@ -2,7 +2,8 @@
 
 Usage: ``python -m stress.bench.worker KIND``, with the JSON arguments as the
 first line of stdin (they may hold a DSN, which never goes in argv); prints
-one JSON object on stdout. ``KIND`` is ``scale`` (raw greenlets, no gevent), ``memory``
+one JSON object on stdout. ``KIND`` is ``scale`` (raw greenlets, no gevent),
+``proxy`` (for ``--against``: run from another tree's ``scoping``), ``memory``
 or ``e2e`` (both under ``gevent.monkey.patch_all()``, done here, first thing,
 before SQLAlchemy or scoping is imported). Each run lives in its own process
 so that a measurement never inherits another one's heap, patched modules or
@@ -323,6 +324,20 @@ def e2e(args: dict[str, t.Any]) -> dict[str, t.Any]:  # noqa: PLR0915 - one meas
     return {"done": True}
 
 
+# --- proxy: the proxy section, for --against (run from another tree's scoping) ---
+
+
+def proxy(args: dict[str, t.Any]) -> dict[str, t.Any]:
+    """The proxy section without guard variants, plus which ``scoping`` ran it."""
+    import scoping
+
+    from . import bench_proxy
+
+    result = bench_proxy(args["number"], args["rounds"], guards=False)
+    result["scoping_file"] = scoping.__file__
+    return result
+
+
 def _reply(obj: dict[str, t.Any]) -> None:
     sys.stdout.write(json.dumps(obj) + "\n")
     sys.stdout.flush()
@@ -332,6 +347,7 @@ KINDS: dict[str, t.Callable[[dict[str, t.Any]], dict[str, t.Any]]] = {
     "scale": scale,
     "memory": memory,
     "e2e": e2e,
+    "proxy": proxy,
 }
 
 

@@ -311,13 +311,8 @@ class World:
             if self.depth[token] > 0 and self.epoch[token] == epoch:
                 return ("token", token, epoch)
             return ("orphan", token, unit.uid)
-        if strategy == "auto":
-            # scoping.scopes: the running asyncio task, else the Context (as contextvar).
-            loop = asyncio.events._get_running_loop()
-            task = asyncio.current_task(loop) if loop is not None else None
-            if task is not None:
-                return ("task", self._oid(task, f"task {unit.name}"))
         if strategy in ("contextvar", "auto"):
+            # scoping.scopes: the current Context, in every runtime (tasks included)
             ctx = greenlet.getcurrent().gr_context
             if ctx is None:
                 return None
