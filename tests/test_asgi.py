@@ -103,7 +103,7 @@ def build_app(  # noqa: C901, PLR0915 - one app, its endpoints side by side
     SSession = scoping.scoped_session(
         sessionmaker(sengine, class_=TrackedSession), scope=RequestScope()
     )
-    seen: dict[str, t.Any] = {"bg": {}, "bg_request_sessions": {}}
+    seen: dict[str, t.Any] = {"bg": {}, "bg_request_sessions": {}, "alive": []}
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> t.AsyncIterator[None]:
@@ -185,12 +185,15 @@ def build_app(  # noqa: C901, PLR0915 - one app, its endpoints side by side
     @api.get("/bg/{rid}")
     async def with_background(rid: str, tasks: BackgroundTasks) -> dict[str, t.Any]:
         rows = await own_rows(rid)
-        seen["bg_request_sessions"][rid] = id(ASession())
+        request_session = ASession()
+        seen["bg_request_sessions"][rid] = id(request_session)
+        seen["alive"].append(request_session)  # no id is reused while the test compares them
         await finish(rid)
 
         async def background() -> None:
             session = ASession()
             seen["bg"][rid] = (id(session), repr(current_phase()))
+            seen["alive"].append(session)
             session.add(Row(rid=f"{rid}-bg", done=True))
             await session.commit()
 

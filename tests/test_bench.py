@@ -7,6 +7,7 @@ subprocess (the memory and e2e sections patch gevent in their own workers).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -17,8 +18,11 @@ from pathlib import Path
 import pytest
 
 from stress import bench
+from tests._subproc import Background, selected_tests
 
 if t.TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from stress.postgres import Server
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -195,8 +199,32 @@ def test_count_calls_wants_a_python_function() -> None:
     assert bench.count_calls(lambda: len(())) == (0, 1)
 
 
-def test_cycle_section_compares_every_registry_with_an_explicit_session(tmp_path: Path) -> None:
-    report, stdout = _run_bench(tmp_path, "--only", "cycle")
+#: The default tests' bench runs: the sections of one run -> the test that reads it.
+RUNS = {
+    "cycle": "test_cycle_section_compares_every_registry_with_an_explicit_session",
+    "aproxy,acycle": "test_async_sections_compare_with_sqlalchemys_async_scoped_session",
+}
+
+
+@pytest.fixture(scope="module")
+def runs(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Background[str, tuple[dict[str, t.Any], str]]]:
+    """The default tests' bench runs side by side, each in its own directory (--quick
+    judges no timing, so sharing the machine changes nothing they assert)."""
+    selected = selected_tests(request)
+    jobs = {
+        only: functools.partial(_run_bench, tmp_path_factory.mktemp("bench"), "--only", only)
+        for only in RUNS
+    }
+    with Background(jobs, start=[only for only, test in RUNS.items() if test in selected]) as bg:
+        yield bg
+
+
+def test_cycle_section_compares_every_registry_with_an_explicit_session(
+    runs: Background[str, tuple[dict[str, t.Any], str]],
+) -> None:
+    report, stdout = runs.result("cycle")
     assert report["sections"] == ["cycle"]
     results = report["cycle"]["results"]
     assert list(results) == ["explicit", "sqlalchemy", *STRATEGIES]
@@ -209,8 +237,10 @@ def test_cycle_section_compares_every_registry_with_an_explicit_session(tmp_path
     assert not any(g["judged"] for g in report["goals"])  # --quick judges no timing
 
 
-def test_async_sections_compare_with_sqlalchemys_async_scoped_session(tmp_path: Path) -> None:
-    report, stdout = _run_bench(tmp_path, "--only", "aproxy,acycle")
+def test_async_sections_compare_with_sqlalchemys_async_scoped_session(
+    runs: Background[str, tuple[dict[str, t.Any], str]],
+) -> None:
+    report, stdout = runs.result("aproxy,acycle")
     assert report["sections"] == ["aproxy", "acycle"]
     aproxy = report["aproxy"]["results"]
     assert list(aproxy) == [
@@ -278,3 +308,36 @@ def test_children_get_their_arguments_on_stdin_never_in_argv(
 def test_dsn_is_masked_in_the_recorded_command() -> None:
     masked = bench._masked_argv(["--only", "e2e", "--dsn", "host=x password=p", "--dsn=y"])
     assert masked == ["--only", "e2e", "--dsn", "<dsn>", "--dsn=<dsn>"]
+
+
+def test_against_runs_the_proxy_section_with_another_revisions_scoping(tmp_path: Path) -> None:
+    # HEAD exists in every clone, shallow ones included; the docs compare with c06080a.
+    report, stdout = _run_bench(tmp_path, "--only", "calls", "--against", "HEAD")
+    against = report["against"]
+    assert against["rev"] == "HEAD"
+    # Each side imported the scoping of its own tree (a relative path inside it).
+    assert against["scoping_files"] == {"now": "scoping/__init__.py", "HEAD": "scoping/__init__.py"}
+    results = against["results"]
+    assert list(results) == ["direct", "sqlalchemy", *STRATEGIES]  # no guard variants
+    for ops in results.values():
+        for sides in ops.values():
+            assert set(sides) == {"now", "HEAD"}
+    assert results["sqlalchemy"]["info"]["now"]["ratio"] == 1.0
+    goals = [g for g in report["goals"] if "no worse than HEAD" in g["goal"]]
+    assert len(goals) == len(STRATEGIES) * 2  # Session.info and Session(), each strategy
+    assert not any(g["judged"] for g in goals)  # --quick judges no timing
+    assert "### Proxy overhead against HEAD" in stdout
+
+
+def test_against_an_unknown_revision_names_the_fix(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "stress.bench", "--quick", "--only", "calls", "--against", "nope"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        check=False,
+    )
+    assert proc.returncode != 0
+    assert "--against nope: git archive failed" in proc.stderr
+    assert "pass a commit or tag of this repository" in proc.stderr

@@ -28,9 +28,12 @@ import shlex
 import subprocess
 import sys
 import textwrap
+import typing as t
 from pathlib import Path
 
 import pytest
+
+from tests._subproc import Background, selected_params
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -213,13 +216,52 @@ def run_python_blocks(
         )
 
 
-@pytest.mark.parametrize("page", _python_pages(), ids=lambda p: str(p.relative_to(ROOT)))
-def test_python_blocks_run(page: Path, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+def _run_page(page: Path, cwd: Path, dsn: str | BaseException | None) -> None:
+    """Run ``page``'s python blocks; ``dsn`` is what getting ``pg_url`` raised, if it did."""
     blocks = [b for b in parse_blocks(page) if b.lang in PYTHON]
-    dsn = None
-    if any("SCOPING_TEST_DSN" in b.code for b in blocks):
-        dsn = request.getfixturevalue("pg_url")
-    run_python_blocks(page, blocks, tmp_path, dsn)
+    if not any("SCOPING_TEST_DSN" in b.code for b in blocks):
+        dsn = None
+    elif isinstance(dsn, BaseException):
+        raise dsn  # no server: the page's test skips (or fails under CI) as pg_url says
+    run_python_blocks(page, blocks, cwd, dsn)
+
+
+@pytest.fixture(scope="module")
+def page_runs(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> t.Iterator[Background[tuple[str, Path], t.Any]]:
+    """The pages' checks that wait for child processes, side by side; each test waits
+    for its own page. ``("python", page)``: its python blocks, in their own interpreter
+    and directory (pages share nothing). ``("shell", page)``: the problems of its shell
+    commands (the ``--help`` texts they need, cached once for all pages)."""
+    start = [
+        ("python", page) for page in selected_params(request, "test_python_blocks_run", "page")
+    ]
+    start += [("shell", page) for page in selected_params(request, SHELL_TEST, "page")]
+    dsn: str | BaseException | None = None
+    if any(
+        "SCOPING_TEST_DSN" in b.code
+        for kind, page in start
+        if kind == "python"
+        for b in parse_blocks(page)
+        if b.lang in PYTHON
+    ):
+        try:
+            dsn = request.getfixturevalue("pg_url")
+        except (pytest.skip.Exception, pytest.fail.Exception) as exc:
+            dsn = exc
+    jobs: dict[tuple[str, Path], t.Callable[[], t.Any]] = {
+        ("python", page): functools.partial(_run_page, page, tmp_path_factory.mktemp("page"), dsn)
+        for page in _python_pages()
+    }
+    jobs.update({("shell", page): functools.partial(_shell_page, page) for page in _shell_pages()})
+    with Background(jobs, start=start) as background:
+        yield background
+
+
+@pytest.mark.parametrize("page", _python_pages(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_python_blocks_run(page: Path, page_runs: Background[tuple[str, Path], t.Any]) -> None:
+    page_runs.result(("python", page))
 
 
 # --------------------------------------------------------------------------
@@ -425,9 +467,18 @@ def _shell_pages() -> list[Path]:
     return [p for p in PAGES if any(b.lang in SHELL for b in parse_blocks(p))]
 
 
+def _shell_page(page: Path) -> list[str]:
+    return [p for b in parse_blocks(page) if b.lang in SHELL for p in shell_problems(b)]
+
+
+SHELL_TEST = "test_shell_commands_exist_and_accept_their_flags"
+
+
 @pytest.mark.parametrize("page", _shell_pages(), ids=lambda p: str(p.relative_to(ROOT)))
-def test_shell_commands_exist_and_accept_their_flags(page: Path) -> None:
-    problems = [p for b in parse_blocks(page) if b.lang in SHELL for p in shell_problems(b)]
+def test_shell_commands_exist_and_accept_their_flags(
+    page: Path, page_runs: Background[tuple[str, Path], t.Any]
+) -> None:
+    problems = page_runs.result(("shell", page))
     assert not problems, "\n".join(problems)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import json
 import os
 import subprocess
@@ -21,6 +22,10 @@ import pytest
 import scoping
 import scoping.doctor as doctor
 from scoping.errors import ScopingError
+from tests._subproc import Background, selected_tests
+
+if t.TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 90
@@ -61,11 +66,47 @@ def run_child(
 
 def diagnose_child(
     tmp_path: Path, code: str, modules: dict[str, str] | None = None
-) -> dict[str, t.Any]:
-    proc = run_child(tmp_path, textwrap.dedent(code) + REPORT, modules)
+) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` then print its diagnosis (read it with :func:`report_of`)."""
+    return run_child(tmp_path, textwrap.dedent(code) + REPORT, modules)
+
+
+def report_of(proc: subprocess.CompletedProcess[str]) -> dict[str, t.Any]:
+    """What a :func:`diagnose_child` child printed: its diagnosis and sys.modules facts."""
     assert proc.returncode == 0, proc.stderr
     out: dict[str, t.Any] = json.loads(proc.stdout.strip().splitlines()[-1])
     return out
+
+
+# --------------------------------------------------------------------------
+# The child processes of this module's tests run side by side (fixture
+# ``children``): each test's child is a function of a fresh directory,
+# registered with the tests that read it, and each test waits for its own.
+
+ChildRun = t.Callable[[Path], subprocess.CompletedProcess[str]]
+_CHILDREN: dict[ChildRun, tuple[str, ...]] = {}
+
+
+def child_of(*tests: str) -> Callable[[ChildRun], ChildRun]:
+    """Register the child process that ``tests`` assert on."""
+
+    def register(run: ChildRun) -> ChildRun:
+        _CHILDREN[run] = tests
+        return run
+
+    return register
+
+
+@pytest.fixture(scope="module")
+def children(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Background[ChildRun, subprocess.CompletedProcess[str]]]:
+    """Every selected test's child process, started at once (see ``Background``)."""
+    selected = selected_tests(request)
+    jobs = {run: functools.partial(run, tmp_path_factory.mktemp("child")) for run in _CHILDREN}
+    start = [run for run, tests in _CHILDREN.items() if selected.intersection(tests)]
+    with Background(jobs, start=start) as background:
+        yield background
 
 
 def by_code(diagnosis: dict[str, t.Any], code: str) -> list[dict[str, t.Any]]:
@@ -117,10 +158,17 @@ ByIdent = orm.scoped_session(orm.sessionmaker(), scopefunc=threading.get_ident)
 """
 
 
-@pytest.fixture(scope="module")
-def patched_report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, t.Any]:
+@child_of(
+    "test_sa_scoped_session_built_before_patch_is_a_named_hazard",
+    "test_sa_scoped_session_built_after_patch_is_ok",
+    "test_scoping_session_is_ok_with_its_strategy",
+    "test_scopefuncs_under_gevent",
+    "test_psycopg2_without_callback_under_gevent_is_a_hazard",
+    "test_engine_pool_locks",
+    "test_patched_report_hazards_and_recommendation",
+)
+def patched_child(tmp: Path) -> subprocess.CompletedProcess[str]:
     """appbefore built before patch_all(), appafter after it; psycopg2 without callback."""
-    tmp = tmp_path_factory.mktemp("patched")
     return diagnose_child(
         tmp,
         """
@@ -131,22 +179,35 @@ def patched_report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, t.Any]
         import appafter
     """,
         {"appbefore": APP_BEFORE, "appafter": APP_AFTER},
-    )["diagnosis"]
+    )
+
+
+@pytest.fixture(scope="module")
+def patched_report(children: Background[ChildRun, t.Any]) -> dict[str, t.Any]:
+    """The diagnosis of :func:`patched_child`."""
+    return report_of(children.result(patched_child))["diagnosis"]
 
 
 # --------------------------------------------------------------------------
 # A process without gevent
 
 
-def test_clean_process_has_no_hazard_and_doctor_imports_no_gevent(tmp_path: Path) -> None:
-    out = diagnose_child(
-        tmp_path,
+@child_of("test_clean_process_has_no_hazard_and_doctor_imports_no_gevent")
+def clean_child(tmp: Path) -> subprocess.CompletedProcess[str]:
+    return diagnose_child(
+        tmp,
         """
         import sqlalchemy as sa
         from sqlalchemy import orm
         Session = orm.scoped_session(orm.sessionmaker())
     """,
     )
+
+
+def test_clean_process_has_no_hazard_and_doctor_imports_no_gevent(
+    children: Background[ChildRun, t.Any],
+) -> None:
+    out = report_of(children.result(clean_child))
     d = out["diagnosis"]
     assert out["gevent_imported"] is False
     assert out["psycopg2_imported"] is False
@@ -168,22 +229,46 @@ def test_diagnose_in_process_is_reexported_and_serialisable() -> None:
     assert "Result: 0 hazard(s)" in d.format_text()
 
 
-def test_psycopg2_without_gevent_is_ok(tmp_path: Path) -> None:
-    d = diagnose_child(tmp_path, "import psycopg2")["diagnosis"]
+def test_a_users_subclass_of_scoped_session_is_recognised_as_scopings() -> None:
+    class AppSession(scoping.scoped_session[t.Any]):
+        pass
+
+    AppSession.__module__ = "myapp.db"  # defined in the user's package
+    from sqlalchemy.orm import sessionmaker
+
+    S = AppSession(sessionmaker(), scope="greenlet")
+    mine = [f for f in scoping.diagnose().findings if f.subject and f"{id(S):#x}" in f.subject]
+    assert [(f.code, f.severity) for f in mine] == [("scoped_session.scoping", "ok")]
+
+
+@child_of("test_psycopg2_without_gevent_is_ok")
+def psycopg2_child(tmp: Path) -> subprocess.CompletedProcess[str]:
+    return diagnose_child(tmp, "import psycopg2")
+
+
+def test_psycopg2_without_gevent_is_ok(children: Background[ChildRun, t.Any]) -> None:
+    d = report_of(children.result(psycopg2_child))["diagnosis"]
     assert one(d, "psycopg2.blocking_no_gevent")["severity"] == "ok"
     assert hazard_codes(d) == []
 
 
-def test_get_ident_scopefunc_without_gevent_is_a_warning(tmp_path: Path) -> None:
-    d = diagnose_child(
-        tmp_path,
+@child_of("test_get_ident_scopefunc_without_gevent_is_a_warning")
+def get_ident_child(tmp: Path) -> subprocess.CompletedProcess[str]:
+    return diagnose_child(
+        tmp,
         """
         import threading
         from sqlalchemy import orm
         S = orm.scoped_session(orm.sessionmaker(), scopefunc=threading.get_ident)
         S()
     """,
-    )["diagnosis"]
+    )
+
+
+def test_get_ident_scopefunc_without_gevent_is_a_warning(
+    children: Background[ChildRun, t.Any],
+) -> None:
+    d = report_of(children.result(get_ident_child))["diagnosis"]
     f = one(d, "scoped_session.get_ident_threads", "__main__.S")
     assert f["severity"] == "warning"
     assert "It holds 1 Session(s) now." in f["detail"]
@@ -199,10 +284,10 @@ def test_asyncio_running_loop_recommends_contextvar() -> None:
     assert d.runtime["asyncio_running"] is True
 
 
-def test_raw_greenlets_without_gevent_recommend_greenlet(tmp_path: Path) -> None:
-    # In a child: pytest's own process may hold live greenlets left by other tests.
-    proc = run_child(
-        tmp_path,
+@child_of("test_raw_greenlets_without_gevent_recommend_greenlet")
+def raw_greenlets_child(tmp: Path) -> subprocess.CompletedProcess[str]:
+    return run_child(
+        tmp,
         """
         import json, greenlet
         import scoping.doctor as doctor
@@ -213,6 +298,13 @@ def test_raw_greenlets_without_gevent_recommend_greenlet(tmp_path: Path) -> None
         print(json.dumps([before, g.dead, seen[0].recommended_scope, seen[0].reason]))
     """,
     )
+
+
+def test_raw_greenlets_without_gevent_recommend_greenlet(
+    children: Background[ChildRun, t.Any],
+) -> None:
+    # In a child: pytest's own process may hold live greenlets left by other tests.
+    proc = children.result(raw_greenlets_child)
     assert proc.returncode == 0, proc.stderr
     before, dead, inside, reason = json.loads(proc.stdout)
     assert (before, dead, inside) == ("thread", True, "greenlet")
@@ -321,12 +413,10 @@ def test_patched_report_hazards_and_recommendation(patched_report: dict[str, t.A
     assert "socket" in patched["title"]
 
 
-@pytest.mark.gevent
-def test_native_pool_locks_really_do_not_block_the_hub(tmp_path: Path) -> None:
-    """The reason engine.pool_native_locks is info: an engine built before
-    patch_all() with one pooled connection still lets a waiting checkout yield."""
-    proc = run_child(
-        tmp_path,
+@child_of("test_native_pool_locks_really_do_not_block_the_hub")
+def native_pool_locks_child(tmp: Path) -> subprocess.CompletedProcess[str]:
+    return run_child(
+        tmp,
         """
         import json
         import sqlalchemy as sa
@@ -348,23 +438,37 @@ def test_native_pool_locks_really_do_not_block_the_hub(tmp_path: Path) -> None:
         print(json.dumps([type(engine.pool._pool.mutex).__module__, log]))
     """,
     )
+
+
+@pytest.mark.gevent
+def test_native_pool_locks_really_do_not_block_the_hub(
+    children: Background[ChildRun, t.Any],
+) -> None:
+    """The reason engine.pool_native_locks is info: an engine built before
+    patch_all() with one pooled connection still lets a waiting checkout yield."""
+    proc = children.result(native_pool_locks_child)
     assert proc.returncode == 0, proc.stderr
     mutex_module, log = json.loads(proc.stdout)
     assert mutex_module == "_thread"  # native, as the doctor reports
     assert log == ["a got", "tick", "a releases", "b got"]
 
 
-@pytest.mark.gevent
-def test_psycogreen_callback_is_a_warning(tmp_path: Path) -> None:
-    d = diagnose_child(
-        tmp_path,
+@child_of("test_psycogreen_callback_is_a_warning")
+def psycogreen_child(tmp: Path) -> subprocess.CompletedProcess[str]:
+    return diagnose_child(
+        tmp,
         """
         from gevent import monkey
         monkey.patch_all()
         import psycogreen.gevent
         psycogreen.gevent.patch_psycopg()
     """,
-    )["diagnosis"]
+    )
+
+
+@pytest.mark.gevent
+def test_psycogreen_callback_is_a_warning(children: Background[ChildRun, t.Any]) -> None:
+    d = report_of(children.result(psycogreen_child))["diagnosis"]
     f = one(d, "psycopg2.psycogreen")
     assert f["severity"] == "warning"
     assert f["subject"] == "psycogreen.gevent.gevent_wait_callback"
@@ -372,36 +476,46 @@ def test_psycogreen_callback_is_a_warning(tmp_path: Path) -> None:
     assert hazard_codes(d) == []
 
 
-@pytest.mark.gevent
-def test_scoping_green_callback_is_ok(tmp_path: Path) -> None:
-    d = diagnose_child(
-        tmp_path,
+@child_of("test_scoping_green_callback_is_ok")
+def scoping_green_child(tmp: Path) -> subprocess.CompletedProcess[str]:
+    return diagnose_child(
+        tmp,
         """
         from gevent import monkey
         monkey.patch_all()
         import scoping.green
         scoping.green.patch_psycopg2()
     """,
-    )["diagnosis"]
+    )
+
+
+@pytest.mark.gevent
+def test_scoping_green_callback_is_ok(children: Background[ChildRun, t.Any]) -> None:
+    d = report_of(children.result(scoping_green_child))["diagnosis"]
     f = one(d, "psycopg2.scoping_green")
     assert f["severity"] == "ok"
     assert f["subject"] == "scoping.green.GeventWaitCallback"
     assert hazard_codes(d) == []
 
 
+@child_of("test_gevent_imported_but_not_patched")
+def gevent_imported_child(tmp: Path) -> subprocess.CompletedProcess[str]:
+    return diagnose_child(tmp, "import gevent")
+
+
 @pytest.mark.gevent
-def test_gevent_imported_but_not_patched(tmp_path: Path) -> None:
-    out = diagnose_child(tmp_path, "import gevent")
+def test_gevent_imported_but_not_patched(children: Background[ChildRun, t.Any]) -> None:
+    out = report_of(children.result(gevent_imported_child))
     d = out["diagnosis"]
     assert out["gevent_imported"] is True
     assert one(d, "gevent.not_patched")["severity"] == "info"
     assert hazard_codes(d) == []
 
 
-@pytest.mark.gevent
-def test_patch_all_without_threads(tmp_path: Path) -> None:
-    d = diagnose_child(
-        tmp_path,
+@child_of("test_patch_all_without_threads")
+def no_threads_child(tmp: Path) -> subprocess.CompletedProcess[str]:
+    return diagnose_child(
+        tmp,
         """
         from gevent import monkey
         monkey.patch_all(thread=False)
@@ -410,7 +524,12 @@ def test_patch_all_without_threads(tmp_path: Path) -> None:
         Session = orm.scoped_session(orm.sessionmaker())   # built after, still per OS thread
         ByThread = scoping.scoped_session(orm.sessionmaker(), scope="thread")
     """,
-    )["diagnosis"]
+    )
+
+
+@pytest.mark.gevent
+def test_patch_all_without_threads(children: Background[ChildRun, t.Any]) -> None:
+    d = report_of(children.result(no_threads_child))["diagnosis"]
     unpatched = one(d, "gevent.threading_unpatched")
     assert unpatched["severity"] == "warning"
     assert "engine.connect().close()" in unpatched["fix"]  # the first-connect deadlock
@@ -440,10 +559,10 @@ def test_check_returns_the_diagnosis_when_safe() -> None:
     assert issubclass(doctor.UnsafeProcess, ScopingError)
 
 
-@pytest.mark.gevent
-def test_check_raises_naming_the_fix(tmp_path: Path) -> None:
-    proc = run_child(
-        tmp_path,
+@child_of("test_check_raises_naming_the_fix")
+def check_raises_child(tmp: Path) -> subprocess.CompletedProcess[str]:
+    return run_child(
+        tmp,
         """
         from sqlalchemy import orm
         Session = orm.scoped_session(orm.sessionmaker())
@@ -460,6 +579,11 @@ def test_check_raises_naming_the_fix(tmp_path: Path) -> None:
             raise SystemExit("check() did not raise")
     """,
     )
+
+
+@pytest.mark.gevent
+def test_check_raises_naming_the_fix(children: Background[ChildRun, t.Any]) -> None:
+    proc = children.result(check_raises_child)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == [
         "1 Session-scoping hazard(s) in this process (scoping.diagnose() gives the full report):",
@@ -469,8 +593,13 @@ def test_check_raises_naming_the_fix(tmp_path: Path) -> None:
     ]
 
 
-def test_cli_clean_process_json_and_exit_0(tmp_path: Path) -> None:
-    proc = run_child(tmp_path, "", args=["-m", "scoping", "doctor", "--json"])
+@child_of("test_cli_clean_process_json_and_exit_0")
+def cli_json_child(tmp: Path) -> subprocess.CompletedProcess[str]:
+    return run_child(tmp, "", args=["-m", "scoping", "doctor", "--json"])
+
+
+def test_cli_clean_process_json_and_exit_0(children: Background[ChildRun, t.Any]) -> None:
+    proc = children.result(cli_json_child)
     assert proc.returncode == 0, proc.stderr
     d = json.loads(proc.stdout)
     assert set(d) == {
@@ -490,20 +619,35 @@ def test_cli_clean_process_json_and_exit_0(tmp_path: Path) -> None:
         assert f["severity"] in doctor.SEVERITIES
 
 
-def test_cli_clean_process_text_and_exit_0(tmp_path: Path) -> None:
-    proc = run_child(tmp_path, "", args=["-m", "scoping", "doctor"])
+@child_of("test_cli_clean_process_text_and_exit_0")
+def cli_text_child(tmp: Path) -> subprocess.CompletedProcess[str]:
+    return run_child(tmp, "", args=["-m", "scoping", "doctor"])
+
+
+def test_cli_clean_process_text_and_exit_0(children: Background[ChildRun, t.Any]) -> None:
+    proc = children.result(cli_text_child)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("scoping doctor: pid ")
     assert "Result: 0 hazard(s)" in proc.stdout
     assert len(proc.stdout.splitlines()) <= 24  # one screen
 
 
+def _cli_hazard(tmp: Path, as_json: bool) -> subprocess.CompletedProcess[str]:
+    (tmp / "appbefore.py").write_text(APP_BEFORE)
+    (tmp / "run.py").write_text(HAZARD_MAIN)
+    return run_child(tmp, "", args=["run.py", *(["--json"] if as_json else [])])
+
+
+CLI_HAZARD = {
+    as_json: child_of("test_cli_hazard_exits_1")(functools.partial(_cli_hazard, as_json=as_json))
+    for as_json in (False, True)
+}
+
+
 @pytest.mark.gevent
 @pytest.mark.parametrize("as_json", [False, True])
-def test_cli_hazard_exits_1(tmp_path: Path, as_json: bool) -> None:
-    (tmp_path / "appbefore.py").write_text(APP_BEFORE)
-    (tmp_path / "run.py").write_text(HAZARD_MAIN)
-    proc = run_child(tmp_path, "", args=["run.py", *(["--json"] if as_json else [])])
+def test_cli_hazard_exits_1(children: Background[ChildRun, t.Any], as_json: bool) -> None:
+    proc = children.result(CLI_HAZARD[as_json])
     assert proc.returncode == 1, proc.stderr
     if as_json:
         d = json.loads(proc.stdout)
@@ -527,9 +671,14 @@ def test_cli_requires_a_command(capsys: pytest.CaptureFixture[str]) -> None:
     assert "doctor" in capsys.readouterr().err
 
 
+@child_of("test_demo_catches_the_planted_hazards")
+def demo_child(tmp: Path) -> subprocess.CompletedProcess[str]:
+    return run_child(tmp, "", args=["-m", "scoping", "doctor", "--demo"])
+
+
 @pytest.mark.gevent
-def test_demo_catches_the_planted_hazards(tmp_path: Path) -> None:
-    proc = run_child(tmp_path, "", args=["-m", "scoping", "doctor", "--demo"])
+def test_demo_catches_the_planted_hazards(children: Background[ChildRun, t.Any]) -> None:
+    proc = children.result(demo_child)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert (
         "HAZARD   demo_app.Session: SQLAlchemy scoped_session shared by every greenlet"
@@ -542,9 +691,14 @@ def test_demo_catches_the_planted_hazards(tmp_path: Path) -> None:
     )
 
 
+@child_of("test_demo_json")
+def demo_json_child(tmp: Path) -> subprocess.CompletedProcess[str]:
+    return run_child(tmp, "", args=["-m", "scoping", "doctor", "--demo", "--json"])
+
+
 @pytest.mark.gevent
-def test_demo_json(tmp_path: Path) -> None:
-    proc = run_child(tmp_path, "", args=["-m", "scoping", "doctor", "--demo", "--json"])
+def test_demo_json(children: Background[ChildRun, t.Any]) -> None:
+    proc = children.result(demo_json_child)
     assert proc.returncode == 0, proc.stderr
     d = json.loads(proc.stdout)
     assert d["caught"] is True
@@ -625,18 +779,32 @@ raise ModuleNotFoundError("No module named 'psycopg2'", name="psycopg2")
 """
 
 
-@pytest.mark.parametrize("as_json", [False, True])
-def test_demo_without_psycopg2_could_not_run(tmp_path: Path, as_json: bool) -> None:
-    """Issue 10, item 10: a missing prerequisite is not a missed hazard."""
-    blocked = tmp_path / "blocked"
+def _demo_without_psycopg2(tmp: Path, as_json: bool) -> subprocess.CompletedProcess[str]:
+    blocked = tmp / "blocked"
     (blocked / "psycopg2").mkdir(parents=True)
     (blocked / "psycopg2" / "__init__.py").write_text(MISSING_PSYCOPG2)
-    proc = run_child(
-        tmp_path,
+    return run_child(
+        tmp,
         "",
         args=["-m", "scoping", "doctor", "--demo", *(["--json"] if as_json else [])],
         extra_env={"PYTHONPATH": os.pathsep.join([str(blocked), str(ROOT)])},
     )
+
+
+DEMO_WITHOUT_PSYCOPG2 = {
+    as_json: child_of("test_demo_without_psycopg2_could_not_run")(
+        functools.partial(_demo_without_psycopg2, as_json=as_json)
+    )
+    for as_json in (False, True)
+}
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_demo_without_psycopg2_could_not_run(
+    children: Background[ChildRun, t.Any], as_json: bool
+) -> None:
+    """Issue 10, item 10: a missing prerequisite is not a missed hazard."""
+    proc = children.result(DEMO_WITHOUT_PSYCOPG2[as_json])
     assert proc.returncode == doctor.DEMO_UNAVAILABLE == 2, proc.stdout + proc.stderr
     assert "FAILED" not in proc.stdout
     if as_json:
@@ -696,10 +864,17 @@ print(json.dumps({"parent": before, **json.loads(data)}))
 """
 
 
+@child_of("test_pooled_connection_opened_before_fork_is_a_hazard")
+def inherited_child(tmp: Path) -> subprocess.CompletedProcess[str]:
+    return run_child(tmp, INHERITED)
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
-def test_pooled_connection_opened_before_fork_is_a_hazard(tmp_path: Path) -> None:
+def test_pooled_connection_opened_before_fork_is_a_hazard(
+    children: Background[ChildRun, t.Any],
+) -> None:
     """Issue 9, item 1: the doctor flags a pool connection opened by another process."""
-    proc = run_child(tmp_path, INHERITED)
+    proc = children.result(inherited_child)
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["parent"] == []  # its own connection: fine

@@ -1,17 +1,24 @@
 """Every strategy under real gevent, against PostgreSQL, in both import orders.
 
-Each case runs in a fresh interpreter (gevent is never patched in pytest's).
+Each case runs in a fresh interpreter (gevent is never patched in pytest's); the
+children of the default tests run side by side (fixture ``children``).
 """
 
 from __future__ import annotations
 
+import functools
 import os
+import subprocess
 import sys
+import typing as t
 
 import pytest
-from _subproc import run_python
+from _subproc import Background, run_python, selected_tests
 
 from scoping.scopes import STRATEGY_NAMES
+
+if t.TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
 
 pytestmark = [pytest.mark.gevent]
 
@@ -31,11 +38,56 @@ def run_script(name: str, *args: object, url: str, timeout: float = 240) -> dict
     return result
 
 
+ORDERS = ("registry-first", "patch-first")
+
+
+def isolation_child(order: str, url: str) -> dict[str, object]:
+    return run_script("gevent_isolation.py", order, GREENLETS, url=url)
+
+
+#: The children of the default tests but the PostgreSQL ones: name -> (test, run).
+CHILDREN: dict[str, tuple[str, Callable[[], t.Any]]] = {}
+
+
+def child_of(test: str) -> Callable[[Callable[[], t.Any]], Callable[[], t.Any]]:
+    """Register the child process that ``test`` asserts on (under the function's name)."""
+
+    def register(run: Callable[[], t.Any]) -> Callable[[], t.Any]:
+        CHILDREN[run.__name__] = (test, run)
+        return run
+
+    return register
+
+
+@pytest.fixture(scope="module")
+def children(request: pytest.FixtureRequest) -> Iterator[Background[object, t.Any]]:
+    """Every selected test's child, started at once; each test waits for its own.
+
+    The PostgreSQL runs (keyed by import order) join when a server is there; their
+    tests ask for ``pg_url`` themselves, so they skip (or fail) without one as before.
+    """
+    selected = selected_tests(request)
+    jobs: dict[object, Callable[[], t.Any]] = {}
+    if "test_concurrent_greenlets_are_isolated" in selected:
+        try:
+            url = request.getfixturevalue("pg_url")
+        except (pytest.skip.Exception, pytest.fail.Exception):
+            pass  # reported by the PostgreSQL tests themselves
+        else:
+            jobs.update({order: functools.partial(isolation_child, order, url) for order in ORDERS})
+    jobs.update({name: run for name, (_test, run) in CHILDREN.items()})
+    start = [key for key in jobs if key in ORDERS or CHILDREN[str(key)][0] in selected]
+    with Background(jobs, start=start) as background:
+        yield background
+
+
 @pytest.mark.postgres
-@pytest.mark.parametrize("order", ["registry-first", "patch-first"])
-def test_concurrent_greenlets_are_isolated(order: str, pg_url: str) -> None:
+@pytest.mark.parametrize("order", ORDERS)
+def test_concurrent_greenlets_are_isolated(
+    order: str, pg_url: str, children: Background[object, t.Any]
+) -> None:
     """Every strategy, one after another in one gevent child per import order."""
-    results = run_script("gevent_isolation.py", order, GREENLETS, url=pg_url)
+    results = children.result(order)
     assert sorted(results) == sorted(STRATEGY_NAMES)
     expected = {
         "errors": [],
@@ -76,8 +128,8 @@ def test_sqlalchemy_greenlet_registry_keeps_them_all(pg_url: str) -> None:
     assert r["timeouts"] == 10_000 - 5
 
 
-def test_import_is_monkeypatch_safe() -> None:
-    """No module of scoping binds anything from threading or imports gevent or psycopg2."""
+@child_of("test_import_is_monkeypatch_safe")
+def monkeypatch_safe_child() -> t.Any:
     code = """
         import gc, json, sys, threading, _thread
         def census():
@@ -95,25 +147,34 @@ def test_import_is_monkeypatch_safe() -> None:
             "psycopg2": "psycopg2" in sys.modules,
         }))
     """
-    r = run_python(code, env={"PYTHONWARNINGS": "error"})
+    return run_python(code, env={"PYTHONWARNINGS": "error"})
+
+
+def test_import_is_monkeypatch_safe(children: Background[object, t.Any]) -> None:
+    """No module of scoping binds anything from threading or imports gevent or psycopg2."""
+    r = children.result("monkeypatch_safe_child")
     assert r == {"new_locals_or_locks": 0, "gevent": False, "psycopg2": False}
 
 
-def test_import_is_silent_with_warnings_as_errors() -> None:
-    import subprocess
-
-    proc = subprocess.run(
+@child_of("test_import_is_silent_with_warnings_as_errors")
+def silent_import_child() -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
         [sys.executable, "-W", "error", "-c", "import scoping"],
         capture_output=True,
         text=True,
         timeout=60,
     )
+
+
+def test_import_is_silent_with_warnings_as_errors(children: Background[object, t.Any]) -> None:
+    proc = children.result("silent_import_child")
     assert proc.returncode == 0
     assert proc.stdout == ""
     assert proc.stderr == ""
 
 
-def test_importing_before_patch_all_adds_no_gevent_warning() -> None:
+@child_of("test_importing_before_patch_all_adds_no_gevent_warning")
+def before_patch_all_child() -> t.Any:
     code = """
         import json, warnings
         import scoping
@@ -131,15 +192,18 @@ def test_importing_before_patch_all_adds_no_gevent_warning() -> None:
             "isolated": other is not first,
         }))
     """
-    r = run_python(code)
+    return run_python(code)
+
+
+def test_importing_before_patch_all_adds_no_gevent_warning(
+    children: Background[object, t.Any],
+) -> None:
+    r = children.result("before_patch_all_child")
     assert r == {"warnings": [], "isolated": True}
 
 
-def test_gevent_greenlets_clean_up_without_database() -> None:
-    """rawlink retires the Session as each greenlet ends; a cleanup greenlet closes it.
-
-    Every strategy, one after another in one gevent child.
-    """
+@child_of("test_gevent_greenlets_clean_up_without_database")
+def cleanup_child() -> t.Any:
     code = """
         from gevent import monkey; monkey.patch_all()
         import gc, json, gevent, greenlet, scoping
@@ -171,7 +235,15 @@ def test_gevent_greenlets_clean_up_without_database() -> None:
 
         print(json.dumps({name: run(name) for name in STRATEGY_NAMES}))
     """
-    results = run_python(code)
+    return run_python(code)
+
+
+def test_gevent_greenlets_clean_up_without_database(children: Background[object, t.Any]) -> None:
+    """rawlink retires the Session as each greenlet ends; a cleanup greenlet closes it.
+
+    Every strategy, one after another in one gevent child.
+    """
+    results = children.result("cleanup_child")
     assert isinstance(results, dict)
     # Integer tokens say nothing about when their work ends: they stay. For every other
     # strategy nothing keeps the dead greenlets (or their contexts) alive.

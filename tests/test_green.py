@@ -8,6 +8,7 @@ that prints JSON; the statements of each run are tagged with a unique
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -18,27 +19,49 @@ import uuid
 import pytest
 from sqlalchemy import text
 
-from tests._subproc import ROOT, run_python
+from tests._subproc import ROOT, Background, run_python, selected_tests
 
 if t.TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+
     import sqlalchemy
 
 SCRIPT = os.path.join(ROOT, "tests", "green_scripts", "pg_interrupt.py")
 
+#: The children of the tests that need no server: name -> (test, run). They run
+#: side by side with the interruption runs (fixture ``children``).
+CHILDREN: dict[str, tuple[str, Callable[[], t.Any]]] = {}
 
-def test_import_does_not_import_gevent_or_psycopg2() -> None:
-    loaded = run_python(
+
+def child_of(test: str) -> Callable[[Callable[[], t.Any]], Callable[[], t.Any]]:
+    """Register the child process that ``test`` asserts on (under the function's name)."""
+
+    def register(run: Callable[[], t.Any]) -> Callable[[], t.Any]:
+        CHILDREN[run.__name__] = (test, run)
+        return run
+
+    return register
+
+
+@child_of("test_import_does_not_import_gevent_or_psycopg2")
+def import_child() -> t.Any:
+    return run_python(
         """
         import json, sys
         import scoping.green
         print(json.dumps([m for m in ("gevent", "psycopg2", "psycogreen") if m in sys.modules]))
         """
     )
+
+
+def test_import_does_not_import_gevent_or_psycopg2(children: Background[object, t.Any]) -> None:
+    loaded = children.result("import_child")
     assert loaded == []
 
 
-def test_patch_is_idempotent_and_reports_who_is_installed() -> None:
-    out = run_python(
+@child_of("test_patch_is_idempotent_and_reports_who_is_installed")
+def idempotent_child() -> t.Any:
+    return run_python(
         """
         import json
         import psycogreen.gevent
@@ -73,6 +96,12 @@ def test_patch_is_idempotent_and_reports_who_is_installed() -> None:
         print(json.dumps(seen))
         """
     )
+
+
+def test_patch_is_idempotent_and_reports_who_is_installed(
+    children: Background[object, t.Any],
+) -> None:
+    out = children.result("idempotent_child")
     assert out["poll_constants"] == [True]
     assert out["initial"] == [False, True]
     assert out["patched"] == [True, True, True, True, "scoping.green"]
@@ -130,6 +159,83 @@ def _run_interrupt(
     return out, still_active
 
 
+#: The runs of each test: (callback, interruption) pairs; psycogreen and psycopg 3
+#: ones only when the package is installed (their tests skip otherwise).
+RUNS = {
+    "test_scoping_callback_cancels_the_statement": [
+        ("scoping", "timeout"),
+        ("scoping", "kill"),
+    ],
+    "test_psycogreen_leaves_the_statement_running": [
+        ("psycogreen", "timeout"),
+        ("psycogreen", "kill"),
+    ],
+    "test_psycopg3_does_not_cancel_on_timeout_or_kill": [
+        ("psycopg3", "timeout"),
+        ("psycopg3", "kill"),
+    ],
+    "test_psycopg3_with_the_documented_cancel_recipe": [
+        ("psycopg3-cancel", "timeout"),
+        ("psycopg3-cancel", "kill"),
+    ],
+    "test_without_wait_callback_the_hub_blocks": [("none", "timeout")],
+}
+NEEDS = {"psycogreen": "psycogreen", "psycopg3": "psycopg", "psycopg3-cancel": "psycopg"}
+
+
+@pytest.fixture(scope="module")
+def children(request: pytest.FixtureRequest) -> Iterator[Background[object, t.Any]]:
+    """Every selected test's child processes, side by side (they wait, mostly).
+
+    Each interruption run (keyed by ``(callback, interruption)``) is its own child
+    process with its own ``application_name`` tag, and what it leaves on the server
+    is read as soon as it exits, as when the tests ran them one by one; only the
+    waiting overlaps. They join when a server is there: their tests ask for
+    ``pg_url`` themselves, so they skip (or fail) without one as before.
+    """
+    import importlib.util
+
+    import sqlalchemy
+
+    selected = selected_tests(request)
+    jobs: dict[object, Callable[[], t.Any]] = {}
+    start: list[object] = []
+    engine = None
+    if selected.intersection(RUNS):
+        try:
+            pg_url = request.getfixturevalue("pg_url")
+        except (pytest.skip.Exception, pytest.fail.Exception):
+            pass  # reported by the PostgreSQL tests themselves
+        else:
+            workers = 4  # each run holds 3 connections (a pool of 2, a monitor), here 1
+            engine = sqlalchemy.create_engine(pg_url, pool_size=workers)
+            # The longest first: the runs that watch a statement keep running for 1 s.
+            runs = sorted(
+                (run for test_runs in RUNS.values() for run in test_runs),
+                key=lambda run: run[0] not in ("psycogreen", "psycopg3", "none"),
+            )
+            jobs.update(
+                {run: functools.partial(_run_interrupt, pg_url, engine, *run) for run in runs}
+            )
+            start += [
+                run
+                for test, test_runs in RUNS.items()
+                if test in selected
+                for run in test_runs
+                if run[0] not in NEEDS or importlib.util.find_spec(NEEDS[run[0]]) is not None
+            ]
+    # The drain child sleeps for 1.6 s: it starts with the longest runs.
+    jobs = {"drain_child": CHILDREN["drain_child"][1], **jobs}
+    jobs.update({name: run for name, (_test, run) in CHILDREN.items()})
+    start += [name for name, (test, _run) in CHILDREN.items() if test in selected]
+    try:
+        with Background(jobs, start=start, workers=4) as background:
+            yield background
+    finally:
+        if engine is not None:
+            engine.dispose()
+
+
 def _assert_caller_saw_interruption(out: dict[str, t.Any], interruption: str) -> None:
     if interruption == "timeout":
         # The very Timeout object the caller started, not a wrapped error.
@@ -160,9 +266,9 @@ def _assert_pool_and_registry_recover(out: dict[str, t.Any]) -> None:
 @pytest.mark.gevent
 @pytest.mark.parametrize("interruption", ["timeout", "kill"])
 def test_scoping_callback_cancels_the_statement(
-    pg_url: str, pg_engine: sqlalchemy.Engine, interruption: str
+    pg_url: str, children: Background[object, t.Any], interruption: str
 ) -> None:
-    out, still_active = _run_interrupt(pg_url, pg_engine, "scoping", interruption)
+    out, still_active = children.result(("scoping", interruption))
     _assert_caller_saw_interruption(out, interruption)
     # Gone from the server within one second of the interruption, and still gone.
     assert out["active_gone_after"] is not None
@@ -181,10 +287,10 @@ def test_scoping_callback_cancels_the_statement(
 @pytest.mark.gevent
 @pytest.mark.parametrize("interruption", ["timeout", "kill"])
 def test_psycogreen_leaves_the_statement_running(
-    pg_url: str, pg_engine: sqlalchemy.Engine, interruption: str
+    pg_url: str, children: Background[object, t.Any], interruption: str
 ) -> None:
     pytest.importorskip("psycogreen")
-    out, still_active = _run_interrupt(pg_url, pg_engine, "psycogreen", interruption)
+    out, still_active = children.result(("psycogreen", interruption))
     _assert_caller_saw_interruption(out, interruption)
     # The client side looks just as clean ...
     assert out["driver_closed_before_sqlalchemy"] == 2
@@ -199,11 +305,11 @@ def test_psycogreen_leaves_the_statement_running(
 @pytest.mark.gevent
 @pytest.mark.parametrize("interruption", ["timeout", "kill"])
 def test_psycopg3_does_not_cancel_on_timeout_or_kill(
-    pg_url: str, pg_engine: sqlalchemy.Engine, interruption: str
+    pg_url: str, children: Background[object, t.Any], interruption: str
 ) -> None:
     """psycopg 3.3 is cooperative under gevent, but cancels only on KeyboardInterrupt/SystemExit."""
     pytest.importorskip("psycopg")
-    out, still_active = _run_interrupt(pg_url, pg_engine, "psycopg3", interruption)
+    out, still_active = children.result(("psycopg3", interruption))
     _assert_caller_saw_interruption(out, interruption)
     if interruption == "timeout":
         assert out["ticks_during"] >= 3  # cooperative: the hub ran during the wait
@@ -217,11 +323,11 @@ def test_psycopg3_does_not_cancel_on_timeout_or_kill(
 @pytest.mark.gevent
 @pytest.mark.parametrize("interruption", ["timeout", "kill"])
 def test_psycopg3_with_the_documented_cancel_recipe(
-    pg_url: str, pg_engine: sqlalchemy.Engine, interruption: str
+    pg_url: str, children: Background[object, t.Any], interruption: str
 ) -> None:
     """README (psycopg 3): a handle_error listener calling cancel_safe() stops the statement."""
     pytest.importorskip("psycopg")
-    out, still_active = _run_interrupt(pg_url, pg_engine, "psycopg3-cancel", interruption)
+    out, still_active = children.result(("psycopg3-cancel", interruption))
     _assert_caller_saw_interruption(out, interruption)
     _assert_pool_and_registry_recover(out)
     assert out["active_gone_after"] is not None
@@ -230,19 +336,20 @@ def test_psycopg3_with_the_documented_cancel_recipe(
 
 
 @pytest.mark.gevent
-def test_without_wait_callback_the_hub_blocks(pg_url: str, pg_engine: sqlalchemy.Engine) -> None:
+def test_without_wait_callback_the_hub_blocks(
+    pg_url: str, children: Background[object, t.Any]
+) -> None:
     """No callback: Timeout(0.3) around pg_sleep(1) cannot fire; no greenlet runs meanwhile."""
-    out, still_active = _run_interrupt(pg_url, pg_engine, "none", "timeout")
+    out, still_active = children.result(("none", "timeout"))
     assert out["elapsed"] >= 1.0
     assert out["raised"] is None
     assert out["ticks_during"] == 0
     assert still_active == []
 
 
-@pytest.mark.gevent
-def test_drain_is_bounded_and_a_second_interruption_wins() -> None:
-    """Fake connections: a server that never answers, a cancel that fails, a second Timeout."""
-    out = run_python(
+@child_of("test_drain_is_bounded_and_a_second_interruption_wins")
+def drain_child() -> t.Any:
+    return run_python(
         """
         import json, socket, time
         import gevent
@@ -289,15 +396,27 @@ def test_drain_is_bounded_and_a_second_interruption_wins() -> None:
             return {"raised": raised, "elapsed": round(time.monotonic() - t0, 2),
                     "cancels": conn.cancels}
 
-        print(json.dumps({
-            "dead_server": run(Conn(), drain=1.5),
-            "answers": run(Conn(answer_after_cancel=1), drain=5),
-            "answers_second_cancel": run(Conn(answer_after_cancel=2), drain=5),
-            "cancel_fails": run(Conn(cancel_error=True), drain=5),
-            "outer_timeout": run(Conn(), drain=5, outer=0.4),
-        }))
+        # The cases are independent (own socket, own callback, own timeouts, all
+        # waits cooperative): they run side by side, one greenlet each.
+        cases = {
+            "dead_server": gevent.spawn(run, Conn(), drain=1.5),
+            "answers": gevent.spawn(run, Conn(answer_after_cancel=1), drain=5),
+            "answers_second_cancel": gevent.spawn(run, Conn(answer_after_cancel=2), drain=5),
+            "cancel_fails": gevent.spawn(run, Conn(cancel_error=True), drain=5),
+            "outer_timeout": gevent.spawn(run, Conn(), drain=5, outer=0.4),
+        }
+        gevent.joinall(list(cases.values()), timeout=30, raise_error=True)
+        print(json.dumps({name: g.get(block=False) for name, g in cases.items()}))
         """
     )
+
+
+@pytest.mark.gevent
+def test_drain_is_bounded_and_a_second_interruption_wins(
+    children: Background[object, t.Any],
+) -> None:
+    """Fake connections: a server that never answers, a cancel that fails, a second Timeout."""
+    out = children.result("drain_child")
     dead = out["dead_server"]
     # Cancel at once and again after 1 s, give up at 1.5 s, re-raise the Timeout.
     assert dead["raised"] == "inner"

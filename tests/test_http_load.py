@@ -8,6 +8,7 @@ columns, and each variant's verdict follows the exit rule.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import stat
@@ -20,6 +21,10 @@ import pytest
 
 from stress.http import cli, run, variants
 from stress.http.gunicorn import Gunicorn, read_log
+from tests._subproc import Background, selected_params
+
+if t.TYPE_CHECKING:
+    from collections.abc import Iterator
 
 ROOT = Path(os.path.abspath(__file__)).parent.parent
 
@@ -38,19 +43,35 @@ def _http(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
     )
 
 
-@pytest.mark.parametrize(
-    ("args", "message"),
-    [
-        (["--duration", "nan"], "give a finite number above 0"),
-        (["--duration", "-3"], "give a finite number above 0"),
-        (["--users", "0"], "give a whole number of at least 1"),
-        (["--variants", "nope"], "unknown variant 'nope'; choose from:"),
-        (["--json", "/nonexistent-dir/x.json"], "directory /nonexistent-dir does not exist"),
-        (["--dsn", "postgresql://u@h/db"], "--dsn needs --server find"),
-    ],
-)
-def test_bad_flags_are_refused_before_anything_runs(args: list[str], message: str) -> None:
-    proc = _http(*args, timeout=60)
+BAD_FLAGS = [
+    (["--duration", "nan"], "give a finite number above 0"),
+    (["--duration", "-3"], "give a finite number above 0"),
+    (["--users", "0"], "give a whole number of at least 1"),
+    (["--variants", "nope"], "unknown variant 'nope'; choose from:"),
+    (["--json", "/nonexistent-dir/x.json"], "directory /nonexistent-dir does not exist"),
+    (["--dsn", "postgresql://u@h/db"], "--dsn needs --server find"),
+]
+
+
+@pytest.fixture(scope="module")
+def bad_flag_runs(
+    request: pytest.FixtureRequest,
+) -> Iterator[Background[tuple[str, ...], subprocess.CompletedProcess[str]]]:
+    """One ``python -m stress.http`` per bad flag, side by side; each test waits for its own."""
+    test = "test_bad_flags_are_refused_before_anything_runs"
+    jobs = {tuple(args): functools.partial(_http, *args, timeout=60) for args, _ in BAD_FLAGS}
+    start = [tuple(args) for args in selected_params(request, test, "args")]
+    with Background(jobs, start=start) as background:
+        yield background
+
+
+@pytest.mark.parametrize(("args", "message"), BAD_FLAGS)
+def test_bad_flags_are_refused_before_anything_runs(
+    args: list[str],
+    message: str,
+    bad_flag_runs: Background[tuple[str, ...], subprocess.CompletedProcess[str]],
+) -> None:
+    proc = bad_flag_runs.result(tuple(args))
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr

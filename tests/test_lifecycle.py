@@ -212,7 +212,7 @@ def test_close_all_never_blocks_the_hub_on_a_session_inside_a_query(pg_url: str)
         engine = create_engine({pg_url!r})
         S = scoping.scoped_session(sessionmaker(bind=engine), scope="greenlet")
         def slow():
-            S.execute(text("select pg_sleep(3)"))
+            S.execute(text("select pg_sleep(2)"))  # a blocking close_all waits >= 1.7 s
             S.remove()
         g = gevent.spawn(slow)
         gevent.sleep(0.3)

@@ -253,8 +253,13 @@ def test_collect_failures_are_logged_not_raised(
         sessionmaker(bind=factory.kw["bind"], class_=Broken), scope="greenlet"
     )
     greenlet.greenlet(S).switch()
-    assert S.registry.collect() == 1
-    assert "closing the Session of an ended scope failed" in caplog.text
+    # collect() retires the dead greenlet's Session and closes it, unless the
+    # reaper's poll got there first (collect() then waits for its close): either
+    # way the failure is logged once and nothing raises here.
+    closed = S.registry.collect()
+    assert closed in (0, 1)
+    assert len(S.registry) == 0
+    assert caplog.text.count("closing the Session of an ended scope failed") == 1
 
 
 def test_custom_strategy(factory: sessionmaker[Session]) -> None:

@@ -6,6 +6,7 @@ and one strategy); the whole ``--quick`` matrix, as CI runs it, is marked slow.
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import sys
@@ -19,6 +20,11 @@ from stress.childproc import ROOT, child_env
 from stress.detectors import anomalies
 from stress.runner import run_cell
 from stress.scenarios import SCENARIOS, SETUPS, STRATEGIES
+from tests._subproc import Background, selected_tests
+
+if t.TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+    from pathlib import Path
 
 
 def _stress(
@@ -68,8 +74,55 @@ def test_help_explains_every_scenario(
         assert option in stdout
 
 
-def test_bad_dsn_is_one_line_and_fails() -> None:
-    out = _stress("--quick", "--dsn", "postgresql://nobody@127.0.0.1:1/nothing")
+def _tiny_matrix(dsn: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return _stress(
+        "--json",
+        "tiny.json",  # relative: the run happens in cwd, outside the checkout
+        "--scenarios",
+        "no-remove",
+        "--strategies",
+        "auto",
+        "--requests",
+        "20",
+        "--concurrency",
+        "4",
+        env={"SCOPING_DSN": dsn},
+        cwd=str(cwd),
+    )
+
+
+@pytest.fixture(scope="module")
+def stress_runs(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Background[str, t.Any]]:
+    """The ``python -m stress`` processes of the default tests, started together, so that
+    they run while the in-process tests below wait for their stuck cells.
+
+    ``tiny``: ``(the process, its directory)``, when a server is there (its test asks for
+    ``pg_server`` itself, so it skips or fails without one as before).
+    """
+    selected = selected_tests(request)
+    jobs: dict[str, Callable[[], t.Any]] = {
+        "bad_dsn": functools.partial(
+            _stress, "--quick", "--dsn", "postgresql://nobody@127.0.0.1:1/nothing"
+        )
+    }
+    start = ["bad_dsn"] if "test_bad_dsn_is_one_line_and_fails" in selected else []
+    if "test_tiny_matrix_against_postgres" in selected:
+        try:
+            server = request.getfixturevalue("pg_server")
+        except (pytest.skip.Exception, pytest.fail.Exception):
+            pass  # reported by test_tiny_matrix_against_postgres itself
+        else:
+            cwd = tmp_path_factory.mktemp("tiny")
+            jobs["tiny"] = lambda: (_tiny_matrix(server.dsn, cwd), cwd)
+            start.insert(0, "tiny")
+    with Background(jobs, start=start) as background:
+        yield background
+
+
+def test_bad_dsn_is_one_line_and_fails(stress_runs: Background[str, t.Any]) -> None:
+    out = stress_runs.result("bad_dsn")
     assert out.returncode == 2
     assert out.stdout == ""
     lines = out.stderr.strip().splitlines()
@@ -183,24 +236,13 @@ def test_sqlite_run_says_what_it_cannot_show(tmp_path: t.Any) -> None:
 
 
 @pytest.mark.postgres
-def test_tiny_matrix_against_postgres(pg_server: t.Any, tmp_path: t.Any) -> None:
+def test_tiny_matrix_against_postgres(
+    pg_server: t.Any, stress_runs: Background[str, t.Any]
+) -> None:
     """The default run's end-to-end check: one baseline and one strategy, piped output
     no wider than 80 columns, the verdict last."""
-    report = tmp_path / "tiny.json"
-    out = _stress(
-        "--json",
-        "tiny.json",  # relative: the run happens in tmp_path, outside the checkout
-        "--scenarios",
-        "no-remove",
-        "--strategies",
-        "auto",
-        "--requests",
-        "20",
-        "--concurrency",
-        "4",
-        env={"SCOPING_DSN": pg_server.dsn},
-        cwd=str(tmp_path),
-    )
+    out, cwd = stress_runs.result("tiny")
+    report = cwd / "tiny.json"
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert _narrow(out.stdout) == []
     assert _narrow(out.stderr) == []

@@ -17,7 +17,11 @@ import typing as t
 import pytest
 
 from stress.childproc import ROOT, child_env
-from stress.runner import run_cell
+from stress.runner import CellRun, run_cell
+from tests._subproc import Background, selected_tests
+
+if t.TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
 
 # A DSN nobody listens on: an option that got as far as connecting would fail
 # with a message about it, so a message about the option proves nothing ran.
@@ -72,8 +76,90 @@ def test_bad_option_is_refused_before_anything_runs(
     assert "127.0.0.1:1" not in lines[0]  # never got as far as the server
 
 
-def test_a_bad_option_ends_the_process_with_one_line_and_status_2() -> None:
-    out = _stress("--dsn", NOWHERE, "--duration", "nan")
+def _deadline_cell() -> tuple[CellRun, float]:
+    """A cell that emits a finished request every few ms forever; and how long it took."""
+    code = (
+        "import json, time\n"
+        "print(json.dumps({'ev': 'ready'}), flush=True)\n"
+        "i = 0\n"
+        "while True:\n"
+        "    print(json.dumps({'ev': 'req', 'rid': f'r{i}', 'outcome': 'ok'}), flush=True)\n"
+        "    i += 1\n"
+        "    time.sleep(0.005)\n"
+    )
+    t0 = time.monotonic()
+    run = run_cell({}, stall=0.5, deadline=2.0, command=[sys.executable, "-c", code])
+    return run, time.monotonic() - t0
+
+
+def _forking_cell() -> tuple[CellRun, bool]:
+    """A cell that forked a child, stopped at its deadline; and whether the child outlived
+    it (still there 5 s after run_cell returned)."""
+    code = (
+        "import json, os, sys, time\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    time.sleep(60); os._exit(0)\n"
+        "print(json.dumps({'ev': 'ready', 'driver': str(pid)}), flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    run = run_cell({}, stall=0.5, deadline=1.5, command=[sys.executable, "-c", code])
+    child = int(run.driver or 0)
+    if child <= 0:
+        return run, False
+    for _ in range(100):
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            return run, False
+        time.sleep(0.05)
+    return run, True
+
+
+def _too_many_connections(pg_server: t.Any) -> tuple[int | None, str, list[str]]:
+    """``--concurrency 5000``: the exit status, stderr, and the databases it left."""
+    proc = _start(pg_server, "--quick", "--concurrency", "5000")
+    _out, err = proc.communicate(timeout=60)
+    return proc.returncode, err, _databases_of(pg_server, proc.pid)
+
+
+@pytest.fixture(scope="module")
+def runs(request: pytest.FixtureRequest) -> Iterator[Background[str, t.Any]]:
+    """The default tests' processes and cells, started together; each test waits for its
+    own (they mostly sleep: the cells run until their deadline). Cells lead their own
+    process groups, so they never see each other.
+
+    ``too_many``: when a server is there (its test asks for ``pg_server`` itself, so it
+    skips or fails without one as before).
+    """
+    selected = selected_tests(request)
+    jobs: dict[str, Callable[[], t.Any]] = {
+        "forking": _forking_cell,
+        "deadline": _deadline_cell,
+        "bad_option": lambda: _stress("--dsn", NOWHERE, "--duration", "nan"),
+    }
+    tests = {
+        "forking": "test_the_cell_and_what_it_forked_are_killed_together",
+        "deadline": "test_deadline_stops_a_cell_that_keeps_reporting",
+        "bad_option": "test_a_bad_option_ends_the_process_with_one_line_and_status_2",
+    }
+    start = [key for key, test in tests.items() if test in selected]
+    if "test_concurrency_above_max_connections_is_refused_up_front" in selected:
+        try:
+            server = request.getfixturevalue("pg_server")
+        except (pytest.skip.Exception, pytest.fail.Exception):
+            pass  # reported by the test itself
+        else:
+            jobs["too_many"] = lambda: _too_many_connections(server)
+            start.append("too_many")
+    with Background(jobs, start=start, workers=4) as background:
+        yield background
+
+
+def test_a_bad_option_ends_the_process_with_one_line_and_status_2(
+    runs: Background[str, t.Any],
+) -> None:
+    out = runs.result("bad_option")
     assert out.returncode == 2
     assert out.stdout == ""
     assert out.stderr.strip().splitlines() == [
@@ -89,46 +175,22 @@ def test_json_into_a_missing_directory_names_the_fix(capsys: pytest.CaptureFixtu
     assert "does not exist; create it first" in capsys.readouterr().err
 
 
-def test_deadline_stops_a_cell_that_keeps_reporting() -> None:
+def test_deadline_stops_a_cell_that_keeps_reporting(runs: Background[str, t.Any]) -> None:
     """A cell that emits a finished request every few ms forever still ends at its deadline."""
-    code = (
-        "import json, time\n"
-        "print(json.dumps({'ev': 'ready'}), flush=True)\n"
-        "i = 0\n"
-        "while True:\n"
-        "    print(json.dumps({'ev': 'req', 'rid': f'r{i}', 'outcome': 'ok'}), flush=True)\n"
-        "    i += 1\n"
-        "    time.sleep(0.005)\n"
-    )
-    t0 = time.monotonic()
-    run = run_cell({}, stall=0.5, deadline=2.0, command=[sys.executable, "-c", code])
+    run, took = runs.result("deadline")
     assert run.hang
     assert run.hang_reason == "cell passed its 2 s deadline"
     assert len(run.records) > 50  # it was busy, never stalled
     assert run.returncode == -signal.SIGKILL
-    assert time.monotonic() - t0 < 15
+    assert took < 15
 
 
-def test_the_cell_and_what_it_forked_are_killed_together() -> None:
-    code = (
-        "import json, os, sys, time\n"
-        "pid = os.fork()\n"
-        "if pid == 0:\n"
-        "    time.sleep(60); os._exit(0)\n"
-        "print(json.dumps({'ev': 'ready', 'driver': str(pid)}), flush=True)\n"
-        "time.sleep(60)\n"
-    )
-    run = run_cell({}, stall=0.5, deadline=1.5, command=[sys.executable, "-c", code])
+def test_the_cell_and_what_it_forked_are_killed_together(runs: Background[str, t.Any]) -> None:
+    run, outlived = runs.result("forking")
     assert run.hang
     child = int(run.driver or 0)
     assert child > 0
-    for _ in range(100):
-        try:
-            os.kill(child, 0)
-        except ProcessLookupError:
-            break
-        time.sleep(0.05)
-    else:
+    if outlived:
         pytest.fail(f"the cell's forked child {child} outlived it")
 
 
@@ -174,16 +236,17 @@ def _wait_for_database(pg_server: t.Any, proc: subprocess.Popen[str]) -> str:
 
 
 @pytest.mark.postgres
-def test_concurrency_above_max_connections_is_refused_up_front(pg_server: t.Any) -> None:
-    proc = _start(pg_server, "--quick", "--concurrency", "5000")
-    _out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 2, err
+def test_concurrency_above_max_connections_is_refused_up_front(
+    pg_server: t.Any, runs: Background[str, t.Any]
+) -> None:
+    returncode, err, databases = runs.result("too_many")
+    assert returncode == 2, err
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
     assert "--concurrency 5000" in lines[0]
     assert "max_connections" in lines[0]
     assert "or less" in lines[0]  # says what to change
-    assert _databases_of(pg_server, proc.pid) == []
+    assert databases == []
 
 
 @pytest.mark.slow
