@@ -551,8 +551,9 @@ def _strategy_name(obj: t.Any) -> str:
 
 def _check_scoped_session(obj: t.Any, name: str | None, rt: _Runtime) -> Finding:
     label = name or f"scoped_session at {id(obj):#x}"
-    cls_mod = type(obj).__module__ or ""
-    if cls_mod == "scoping" or cls_mod.startswith("scoping."):
+    ours = sys.modules.get("scoping.session")
+    # issubclass, not the class's module: a user's subclass of ours is ours too.
+    if ours is not None and issubclass(type(obj), ours.scoped_session):
         strategy = _strategy_name(obj)
         try:
             live = f" It holds {len(obj.registry)} Session(s) now."
