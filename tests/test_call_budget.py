@@ -48,13 +48,15 @@ ROOT = Path(__file__).resolve().parent.parent
 #   running-loop check (one C call) and its miss is contextvar's;
 # - a contextvar/auto miss first checks whether the greenlet has a Context
 #   yet (+1 Python call in a new raw greenlet, which has none); where it has
-#   one, the miss no longer asks the strategy for the key again.
+#   one, the miss no longer asks the strategy for the key again;
+# - the inlined hits keep no local for the key (3 % of a hit), so a miss
+#   computes it again: +1 C call (greenlet, thread), +2 (contextvar, auto).
 BUDGET: dict[str, dict[str, tuple[int, int]]] = {
-    "thread": {"info": (2, 1), "call": (1, 1), "miss": (13, 7)},
-    "greenlet": {"info": (2, 1), "call": (1, 1), "miss": (7, 7)},
-    "contextvar": {"info": (2, 2), "call": (1, 2), "miss": (13, 16)},
+    "thread": {"info": (2, 1), "call": (1, 1), "miss": (13, 8)},
+    "greenlet": {"info": (2, 1), "call": (1, 1), "miss": (7, 8)},
+    "contextvar": {"info": (2, 2), "call": (1, 2), "miss": (13, 18)},
     "token": {"info": (3, 1), "call": (2, 1), "miss": (6, 6)},
-    "auto": {"info": (2, 2), "call": (1, 2), "miss": (13, 16)},
+    "auto": {"info": (2, 2), "call": (1, 2), "miss": (13, 18)},
 }
 # guard=True changes nothing on hit paths. Its miss path installs SQLAlchemy event
 # listeners, whose cost belongs to SQLAlchemy's event system: reported, not budgeted.
