@@ -23,10 +23,11 @@ if t.TYPE_CHECKING:
 
     import pytest
 
-__all__ = ["ROOT", "Background", "run_python", "selected_params", "selected_tests"]
+__all__ = ["ROOT", "Background", "ChildRuns", "run_python", "selected_params", "selected_tests"]
 
 K = t.TypeVar("K")
 T = t.TypeVar("T")
+F = t.TypeVar("F", bound="Callable[..., t.Any]")
 
 
 def run_python(
@@ -93,6 +94,36 @@ class Background(t.Generic[K, T]):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class ChildRuns(t.Generic[F]):
+    """A test module's child runs, each registered with the tests that assert on it.
+
+    ``@runs.of("test_x")`` above a function that runs a child registers it; a
+    module fixture then hands :meth:`wanted` (the runs of the selected tests)
+    to :class:`Background` as the jobs to start at once.
+    """
+
+    def __init__(self) -> None:
+        self.tests: dict[F, tuple[str, ...]] = {}
+
+    def of(self, *tests: str) -> Callable[[F], F]:
+        """Register the decorated run as the child that ``tests`` assert on."""
+
+        def register(run: F) -> F:
+            self.tests[run] = tests
+            return run
+
+        return register
+
+    @property
+    def by_name(self) -> dict[str, F]:
+        """The runs under their function names."""
+        return {run.__name__: run for run in self.tests}
+
+    def wanted(self, selected: Collection[str]) -> list[F]:
+        """The runs that at least one of the ``selected`` tests asserts on."""
+        return [run for run, tests in self.tests.items() if not set(tests).isdisjoint(selected)]
 
 
 def _module_items(request: pytest.FixtureRequest) -> list[pytest.Item]:

@@ -22,10 +22,10 @@ import pytest
 import scoping
 import scoping.doctor as doctor
 from scoping.errors import ScopingError
-from tests._subproc import Background, selected_tests
+from tests._subproc import Background, ChildRuns, selected_tests
 
 if t.TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
+    from collections.abc import Iterator
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 90
@@ -84,17 +84,7 @@ def report_of(proc: subprocess.CompletedProcess[str]) -> dict[str, t.Any]:
 # registered with the tests that read it, and each test waits for its own.
 
 ChildRun = t.Callable[[Path], subprocess.CompletedProcess[str]]
-_CHILDREN: dict[ChildRun, tuple[str, ...]] = {}
-
-
-def child_of(*tests: str) -> Callable[[ChildRun], ChildRun]:
-    """Register the child process that ``tests`` assert on."""
-
-    def register(run: ChildRun) -> ChildRun:
-        _CHILDREN[run] = tests
-        return run
-
-    return register
+CHILD_RUNS: ChildRuns[ChildRun] = ChildRuns()
 
 
 @pytest.fixture(scope="module")
@@ -103,8 +93,10 @@ def children(
 ) -> Iterator[Background[ChildRun, subprocess.CompletedProcess[str]]]:
     """Every selected test's child process, started at once (see ``Background``)."""
     selected = selected_tests(request)
-    jobs = {run: functools.partial(run, tmp_path_factory.mktemp("child")) for run in _CHILDREN}
-    start = [run for run, tests in _CHILDREN.items() if selected.intersection(tests)]
+    jobs = {
+        run: functools.partial(run, tmp_path_factory.mktemp("child")) for run in CHILD_RUNS.tests
+    }
+    start = CHILD_RUNS.wanted(selected)
     with Background(jobs, start=start) as background:
         yield background
 
@@ -158,7 +150,7 @@ ByIdent = orm.scoped_session(orm.sessionmaker(), scopefunc=threading.get_ident)
 """
 
 
-@child_of(
+@CHILD_RUNS.of(
     "test_sa_scoped_session_built_before_patch_is_a_named_hazard",
     "test_sa_scoped_session_built_after_patch_is_ok",
     "test_scoping_session_is_ok_with_its_strategy",
@@ -192,7 +184,7 @@ def patched_report(children: Background[ChildRun, t.Any]) -> dict[str, t.Any]:
 # A process without gevent
 
 
-@child_of("test_clean_process_has_no_hazard_and_doctor_imports_no_gevent")
+@CHILD_RUNS.of("test_clean_process_has_no_hazard_and_doctor_imports_no_gevent")
 def clean_child(tmp: Path) -> subprocess.CompletedProcess[str]:
     return diagnose_child(
         tmp,
@@ -241,7 +233,7 @@ def test_a_users_subclass_of_scoped_session_is_recognised_as_scopings() -> None:
     assert [(f.code, f.severity) for f in mine] == [("scoped_session.scoping", "ok")]
 
 
-@child_of("test_psycopg2_without_gevent_is_ok")
+@CHILD_RUNS.of("test_psycopg2_without_gevent_is_ok")
 def psycopg2_child(tmp: Path) -> subprocess.CompletedProcess[str]:
     return diagnose_child(tmp, "import psycopg2")
 
@@ -252,7 +244,7 @@ def test_psycopg2_without_gevent_is_ok(children: Background[ChildRun, t.Any]) ->
     assert hazard_codes(d) == []
 
 
-@child_of("test_get_ident_scopefunc_without_gevent_is_a_warning")
+@CHILD_RUNS.of("test_get_ident_scopefunc_without_gevent_is_a_warning")
 def get_ident_child(tmp: Path) -> subprocess.CompletedProcess[str]:
     return diagnose_child(
         tmp,
@@ -284,7 +276,7 @@ def test_asyncio_running_loop_recommends_contextvar() -> None:
     assert d.runtime["asyncio_running"] is True
 
 
-@child_of("test_raw_greenlets_without_gevent_recommend_greenlet")
+@CHILD_RUNS.of("test_raw_greenlets_without_gevent_recommend_greenlet")
 def raw_greenlets_child(tmp: Path) -> subprocess.CompletedProcess[str]:
     return run_child(
         tmp,
@@ -413,7 +405,7 @@ def test_patched_report_hazards_and_recommendation(patched_report: dict[str, t.A
     assert "socket" in patched["title"]
 
 
-@child_of("test_native_pool_locks_really_do_not_block_the_hub")
+@CHILD_RUNS.of("test_native_pool_locks_really_do_not_block_the_hub")
 def native_pool_locks_child(tmp: Path) -> subprocess.CompletedProcess[str]:
     return run_child(
         tmp,
@@ -453,7 +445,7 @@ def test_native_pool_locks_really_do_not_block_the_hub(
     assert log == ["a got", "tick", "a releases", "b got"]
 
 
-@child_of("test_psycogreen_callback_is_a_warning")
+@CHILD_RUNS.of("test_psycogreen_callback_is_a_warning")
 def psycogreen_child(tmp: Path) -> subprocess.CompletedProcess[str]:
     return diagnose_child(
         tmp,
@@ -476,7 +468,7 @@ def test_psycogreen_callback_is_a_warning(children: Background[ChildRun, t.Any])
     assert hazard_codes(d) == []
 
 
-@child_of("test_scoping_green_callback_is_ok")
+@CHILD_RUNS.of("test_scoping_green_callback_is_ok")
 def scoping_green_child(tmp: Path) -> subprocess.CompletedProcess[str]:
     return diagnose_child(
         tmp,
@@ -498,7 +490,7 @@ def test_scoping_green_callback_is_ok(children: Background[ChildRun, t.Any]) -> 
     assert hazard_codes(d) == []
 
 
-@child_of("test_gevent_imported_but_not_patched")
+@CHILD_RUNS.of("test_gevent_imported_but_not_patched")
 def gevent_imported_child(tmp: Path) -> subprocess.CompletedProcess[str]:
     return diagnose_child(tmp, "import gevent")
 
@@ -512,7 +504,7 @@ def test_gevent_imported_but_not_patched(children: Background[ChildRun, t.Any]) 
     assert hazard_codes(d) == []
 
 
-@child_of("test_patch_all_without_threads")
+@CHILD_RUNS.of("test_patch_all_without_threads")
 def no_threads_child(tmp: Path) -> subprocess.CompletedProcess[str]:
     return diagnose_child(
         tmp,
@@ -559,7 +551,7 @@ def test_check_returns_the_diagnosis_when_safe() -> None:
     assert issubclass(doctor.UnsafeProcess, ScopingError)
 
 
-@child_of("test_check_raises_naming_the_fix")
+@CHILD_RUNS.of("test_check_raises_naming_the_fix")
 def check_raises_child(tmp: Path) -> subprocess.CompletedProcess[str]:
     return run_child(
         tmp,
@@ -593,7 +585,7 @@ def test_check_raises_naming_the_fix(children: Background[ChildRun, t.Any]) -> N
     ]
 
 
-@child_of("test_cli_clean_process_json_and_exit_0")
+@CHILD_RUNS.of("test_cli_clean_process_json_and_exit_0")
 def cli_json_child(tmp: Path) -> subprocess.CompletedProcess[str]:
     return run_child(tmp, "", args=["-m", "scoping", "doctor", "--json"])
 
@@ -619,7 +611,7 @@ def test_cli_clean_process_json_and_exit_0(children: Background[ChildRun, t.Any]
         assert f["severity"] in doctor.SEVERITIES
 
 
-@child_of("test_cli_clean_process_text_and_exit_0")
+@CHILD_RUNS.of("test_cli_clean_process_text_and_exit_0")
 def cli_text_child(tmp: Path) -> subprocess.CompletedProcess[str]:
     return run_child(tmp, "", args=["-m", "scoping", "doctor"])
 
@@ -639,7 +631,9 @@ def _cli_hazard(tmp: Path, as_json: bool) -> subprocess.CompletedProcess[str]:
 
 
 CLI_HAZARD = {
-    as_json: child_of("test_cli_hazard_exits_1")(functools.partial(_cli_hazard, as_json=as_json))
+    as_json: CHILD_RUNS.of("test_cli_hazard_exits_1")(
+        functools.partial(_cli_hazard, as_json=as_json)
+    )
     for as_json in (False, True)
 }
 
@@ -671,7 +665,7 @@ def test_cli_requires_a_command(capsys: pytest.CaptureFixture[str]) -> None:
     assert "doctor" in capsys.readouterr().err
 
 
-@child_of("test_demo_catches_the_planted_hazards")
+@CHILD_RUNS.of("test_demo_catches_the_planted_hazards")
 def demo_child(tmp: Path) -> subprocess.CompletedProcess[str]:
     return run_child(tmp, "", args=["-m", "scoping", "doctor", "--demo"])
 
@@ -691,7 +685,7 @@ def test_demo_catches_the_planted_hazards(children: Background[ChildRun, t.Any])
     )
 
 
-@child_of("test_demo_json")
+@CHILD_RUNS.of("test_demo_json")
 def demo_json_child(tmp: Path) -> subprocess.CompletedProcess[str]:
     return run_child(tmp, "", args=["-m", "scoping", "doctor", "--demo", "--json"])
 
@@ -792,7 +786,7 @@ def _demo_without_psycopg2(tmp: Path, as_json: bool) -> subprocess.CompletedProc
 
 
 DEMO_WITHOUT_PSYCOPG2 = {
-    as_json: child_of("test_demo_without_psycopg2_could_not_run")(
+    as_json: CHILD_RUNS.of("test_demo_without_psycopg2_could_not_run")(
         functools.partial(_demo_without_psycopg2, as_json=as_json)
     )
     for as_json in (False, True)
@@ -864,7 +858,7 @@ print(json.dumps({"parent": before, **json.loads(data)}))
 """
 
 
-@child_of("test_pooled_connection_opened_before_fork_is_a_hazard")
+@CHILD_RUNS.of("test_pooled_connection_opened_before_fork_is_a_hazard")
 def inherited_child(tmp: Path) -> subprocess.CompletedProcess[str]:
     return run_child(tmp, INHERITED)
 

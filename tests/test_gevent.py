@@ -13,9 +13,9 @@ import sys
 import typing as t
 
 import pytest
-from _subproc import Background, run_python, selected_tests
 
 from scoping.scopes import STRATEGY_NAMES
+from tests._subproc import Background, ChildRuns, run_python, selected_tests
 
 if t.TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -46,17 +46,9 @@ def isolation_child(order: str, url: str) -> dict[str, object]:
 
 
 #: The children of the default tests but the PostgreSQL ones: name -> (test, run).
-CHILDREN: dict[str, tuple[str, Callable[[], t.Any]]] = {}
-
-
-def child_of(test: str) -> Callable[[Callable[[], t.Any]], Callable[[], t.Any]]:
-    """Register the child process that ``test`` asserts on (under the function's name)."""
-
-    def register(run: Callable[[], t.Any]) -> Callable[[], t.Any]:
-        CHILDREN[run.__name__] = (test, run)
-        return run
-
-    return register
+#: The children of the tests that need no server, run side by side with the
+#: PostgreSQL runs (fixture ``children``).
+CHILD_RUNS: ChildRuns[Callable[[], t.Any]] = ChildRuns()
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +67,9 @@ def children(request: pytest.FixtureRequest) -> Iterator[Background[object, t.An
             pass  # reported by the PostgreSQL tests themselves
         else:
             jobs.update({order: functools.partial(isolation_child, order, url) for order in ORDERS})
-    jobs.update({name: run for name, (_test, run) in CHILDREN.items()})
-    start = [key for key in jobs if key in ORDERS or CHILDREN[str(key)][0] in selected]
+    jobs.update(CHILD_RUNS.by_name)
+    wanted = {run.__name__ for run in CHILD_RUNS.wanted(selected)}
+    start = [key for key in jobs if key in ORDERS or key in wanted]
     with Background(jobs, start=start) as background:
         yield background
 
@@ -128,7 +121,7 @@ def test_sqlalchemy_greenlet_registry_keeps_them_all(pg_url: str) -> None:
     assert r["timeouts"] == 10_000 - 5
 
 
-@child_of("test_import_is_monkeypatch_safe")
+@CHILD_RUNS.of("test_import_is_monkeypatch_safe")
 def monkeypatch_safe_child() -> t.Any:
     code = """
         import gc, json, sys, threading, _thread
@@ -156,7 +149,7 @@ def test_import_is_monkeypatch_safe(children: Background[object, t.Any]) -> None
     assert r == {"new_locals_or_locks": 0, "gevent": False, "psycopg2": False}
 
 
-@child_of("test_import_is_silent_with_warnings_as_errors")
+@CHILD_RUNS.of("test_import_is_silent_with_warnings_as_errors")
 def silent_import_child() -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-W", "error", "-c", "import scoping"],
@@ -173,7 +166,7 @@ def test_import_is_silent_with_warnings_as_errors(children: Background[object, t
     assert proc.stderr == ""
 
 
-@child_of("test_importing_before_patch_all_adds_no_gevent_warning")
+@CHILD_RUNS.of("test_importing_before_patch_all_adds_no_gevent_warning")
 def before_patch_all_child() -> t.Any:
     code = """
         import json, warnings
@@ -202,7 +195,7 @@ def test_importing_before_patch_all_adds_no_gevent_warning(
     assert r == {"warnings": [], "isolated": True}
 
 
-@child_of("test_gevent_greenlets_clean_up_without_database")
+@CHILD_RUNS.of("test_gevent_greenlets_clean_up_without_database")
 def cleanup_child() -> t.Any:
     code = """
         from gevent import monkey; monkey.patch_all()

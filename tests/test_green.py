@@ -19,7 +19,7 @@ import uuid
 import pytest
 from sqlalchemy import text
 
-from tests._subproc import ROOT, Background, run_python, selected_tests
+from tests._subproc import ROOT, Background, ChildRuns, run_python, selected_tests
 
 if t.TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -28,22 +28,12 @@ if t.TYPE_CHECKING:
 
 SCRIPT = os.path.join(ROOT, "tests", "green_scripts", "pg_interrupt.py")
 
-#: The children of the tests that need no server: name -> (test, run). They run
-#: side by side with the interruption runs (fixture ``children``).
-CHILDREN: dict[str, tuple[str, Callable[[], t.Any]]] = {}
+#: The children of the tests that need no server: they run side by side with
+#: the interruption runs (fixture ``children``).
+CHILD_RUNS: ChildRuns[Callable[[], t.Any]] = ChildRuns()
 
 
-def child_of(test: str) -> Callable[[Callable[[], t.Any]], Callable[[], t.Any]]:
-    """Register the child process that ``test`` asserts on (under the function's name)."""
-
-    def register(run: Callable[[], t.Any]) -> Callable[[], t.Any]:
-        CHILDREN[run.__name__] = (test, run)
-        return run
-
-    return register
-
-
-@child_of("test_import_does_not_import_gevent_or_psycopg2")
+@CHILD_RUNS.of("test_import_does_not_import_gevent_or_psycopg2")
 def import_child() -> t.Any:
     return run_python(
         """
@@ -59,7 +49,7 @@ def test_import_does_not_import_gevent_or_psycopg2(children: Background[object, 
     assert loaded == []
 
 
-@child_of("test_patch_is_idempotent_and_reports_who_is_installed")
+@CHILD_RUNS.of("test_patch_is_idempotent_and_reports_who_is_installed")
 def idempotent_child() -> t.Any:
     return run_python(
         """
@@ -225,9 +215,9 @@ def children(request: pytest.FixtureRequest) -> Iterator[Background[object, t.An
                 if run[0] not in NEEDS or importlib.util.find_spec(NEEDS[run[0]]) is not None
             ]
     # The drain child sleeps for 1.6 s: it starts with the longest runs.
-    jobs = {"drain_child": CHILDREN["drain_child"][1], **jobs}
-    jobs.update({name: run for name, (_test, run) in CHILDREN.items()})
-    start += [name for name, (test, _run) in CHILDREN.items() if test in selected]
+    jobs = {"drain_child": CHILD_RUNS.by_name["drain_child"], **jobs}
+    jobs.update(CHILD_RUNS.by_name)
+    start += [run.__name__ for run in CHILD_RUNS.wanted(selected)]
     try:
         with Background(jobs, start=start, workers=4) as background:
             yield background
@@ -347,7 +337,7 @@ def test_without_wait_callback_the_hub_blocks(
     assert still_active == []
 
 
-@child_of("test_drain_is_bounded_and_a_second_interruption_wins")
+@CHILD_RUNS.of("test_drain_is_bounded_and_a_second_interruption_wins")
 def drain_child() -> t.Any:
     return run_python(
         """

@@ -7,12 +7,12 @@ import typing as t
 
 import greenlet
 import pytest
-from _subproc import run_python
 from sqlalchemy import Integer, create_engine, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 import scoping
 from scoping.guard import describe_scope
+from tests._subproc import run_python
 
 ATTEMPTS = 50
 

@@ -107,7 +107,7 @@ def test_fast_key_equals_current(
 
 
 def test_fast_key_equals_current_under_gevent() -> None:
-    from _subproc import run_python
+    from tests._subproc import run_python
 
     code = f"""
         from gevent import monkey; monkey.patch_all()
@@ -201,7 +201,7 @@ def test_close_all_skips_a_busy_session_and_does_not_add_callbacks(
 
 
 def test_close_all_never_blocks_the_hub_on_a_session_inside_a_query(pg_url: str) -> None:
-    from _subproc import run_python
+    from tests._subproc import run_python
 
     code = f"""
         from gevent import monkey; monkey.patch_all()

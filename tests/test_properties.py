@@ -24,9 +24,10 @@ import os
 import sys
 
 import pytest
-from _subproc import run_python
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
+
+from tests._subproc import run_python
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "property_scripts"))
 
