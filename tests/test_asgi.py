@@ -12,6 +12,7 @@ exactly its own rows, or Sessions were mixed.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 import socket
 import sys
@@ -53,19 +54,26 @@ class Row(Base):
 
 
 class Tracked:
-    """Every Session made, by class, and how often each was closed."""
+    """Every Session made, by serial number, and how often each was closed.
+
+    A serial, not ``id()``: a closed Session is freed and its id can be a later
+    Session's, whose close would then count as a second one.
+    """
 
     def __init__(self) -> None:
         self.closes: dict[int, int] = {}
         self.lock = threading.Lock()
+        self.serials = itertools.count()
 
-    def made(self, session: object) -> None:
+    def made(self, session: t.Any) -> None:
         with self.lock:
-            self.closes.setdefault(id(session), 0)
+            session.tracked_serial = serial = next(self.serials)
+            self.closes[serial] = 0
 
-    def closed(self, session: object) -> None:
+    def closed(self, session: t.Any) -> None:
         with self.lock:
-            self.closes[id(session)] = self.closes.get(id(session), 0) + 1
+            serial = session.tracked_serial
+            self.closes[serial] = self.closes.get(serial, 0) + 1
 
 
 TRACK = Tracked()
