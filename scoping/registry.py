@@ -119,6 +119,7 @@ class Registry(ScopedRegistry[_T]):
     __slots__ = (
         "_cleanup_pending",
         "_created",
+        "_endless_types",
         "_on_end",
         "_polling",
         "_retired",
@@ -150,6 +151,11 @@ class Registry(ScopedRegistry[_T]):
         self._on_end = _WeakEnd(self._signal)
         # Optional in custom strategies: without watch() a Session stays until remove().
         self._strategy_watch: t.Callable[..., bool] | None = getattr(strategy, "watch", None)
+        # Declared on the strategy's own class only (scopes.ENDLESS_KEY_TYPES):
+        # a subclass may redefine watch() for keys its parent could not watch.
+        self._endless_types: frozenset[type] = vars(type(strategy)).get(
+            "endless_key_types", frozenset()
+        )
         _reaper_signals.add(self._signal)
         from . import fork
 
@@ -286,7 +292,9 @@ class Registry(ScopedRegistry[_T]):
             _ensure_reaper()
         obj = self.createfunc()
         current = self.registry.setdefault(key, obj)
-        if key not in self._watched:  # _watch's own first test, saving a call per Session
+        # _watch's own first test, saving a call per Session; then a key whose
+        # end no one can see (a request id, strategy-declared) is not watched.
+        if key not in self._watched and type(key) not in self._endless_types:
             self._watch(key)
         return current
 

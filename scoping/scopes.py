@@ -50,6 +50,7 @@ import contextvars
 import sys
 import threading
 import typing as t
+import uuid
 import warnings
 import weakref
 
@@ -57,6 +58,7 @@ from . import _units
 from .errors import NoScopeToken, ScopeEnded, ScopingWarning
 
 __all__ = [
+    "ENDLESS_KEY_TYPES",
     "STRATEGY_NAMES",
     "AutoScope",
     "BaseScope",
@@ -79,16 +81,33 @@ another thread, so it never does I/O. The registry's callback also has a
 ``poll(key)`` method: "this key may have ended, check it with is_ended()
 from time to time"."""
 
-FastKeyKind = t.Literal["exact", "fast", "greenlet", "context"]
-"""How :mod:`scoping.session` computes the key on a hit:
+FastKeyKind = t.Literal["exact", "fast", "greenlet", "context", "token"]
+"""How the session's hot path (:mod:`scoping._hot_path`) computes the key on a hit:
 
 - ``"exact"``: ``fast_key()`` always equals ``current()``;
 - ``"fast"``: ``fast_key()`` equals ``current()`` or is never a registry key
   (a miss, after which ``current()`` decides);
 - ``"greenlet"`` and ``"context"``: as ``"fast"``, with ``fast_key()`` one of
-  two shapes that the session's hot path inlines: ``greenlet.getcurrent()``
+  two shapes that the hot path writes inline: ``greenlet.getcurrent()``
   (GreenletScope, ThreadScope), and ``id(greenlet.getcurrent().gr_context)``
-  (ContextVarScope, AutoScope).
+  (ContextVarScope, AutoScope);
+- ``"token"``: as ``"exact"``, where the hot path reads the live binding of
+  a ``scope(token)`` block inline (``read_binding()``) and calls
+  ``fast_key()`` only without one (TokenScope without a ``scopefunc``).
+"""
+
+
+ENDLESS_KEY_TYPES: t.Final[frozenset[type]] = frozenset(
+    {str, bytes, int, float, tuple, frozenset, uuid.UUID}
+)
+"""Key types that are never a unit (greenlet, task), so :meth:`BaseScope.watch`
+can never signal their end nor :meth:`BaseScope.is_ended` see it.
+
+A strategy class that keeps ``BaseScope``'s ``watch``/``is_ended`` may declare
+them as its own ``endless_key_types``: the registry then skips ``watch()``
+for keys of exactly these types (subclasses, such as a ``str`` subclass, are
+still watched). :class:`TokenScope` does, which saves a request-id token the
+watch on every request.
 """
 
 
@@ -420,12 +439,19 @@ class TokenScope(BaseScope):
     :class:`BaseScope` does. A ``scopefunc`` that returns ``None`` raises
     :class:`~scoping.NoScopeToken`.
 
-    Cost: one ContextVar read and one set lookup per lookup, plus the
-    ``scopefunc`` call when no token is bound. Fork: the child forgets inherited Sessions.
+    Cost: one ContextVar read per lookup (made inline by the proxies when
+    there is no ``scopefunc``), plus the ``scopefunc`` call when no token is
+    bound. Fork: the child forgets inherited Sessions.
     """
 
-    __slots__ = ("_bound", "current", "fast_key", "scopefunc")
+    __slots__ = ("_bound", "current", "fast_key", "read_binding", "scopefunc")
     name = "token"
+    fast_key_kind: FastKeyKind = "token"  # "exact" over a scopefunc: see fast_key_kind()
+    #: Exact key types whose end no strategy of this class can see (see
+    #: :data:`ENDLESS_KEY_TYPES`): a request id's Session lives until
+    #: ``remove()`` or its ``scope()`` block exits, and the registry keeps no
+    #: watch bookkeeping for it. Read from the strategy's own class only.
+    endless_key_types: t.ClassVar[frozenset[type]] = ENDLESS_KEY_TYPES
 
     def __init__(self, scopefunc: t.Callable[[], t.Hashable] | None = None) -> None:
         if scopefunc is not None:
@@ -440,6 +466,9 @@ class TokenScope(BaseScope):
             "scoping.TokenScope.bound", default=None
         )
         bound = self._bound.get
+        #: The current context's binding (``.token``, ``.live``), or None: a
+        #: C call the hot path makes inline ("token" key shape).
+        self.read_binding: t.Callable[[], _Binding | None] = bound
 
         def current() -> t.Hashable:
             binding = bound()
@@ -610,12 +639,12 @@ def fast_key_kind(
     before the strategy is made (bad arguments give ``"exact"``; building the
     strategy then raises).
     """
-    if scopefunc is not None:
-        cls: type[t.Any] | None = TokenScope
-    elif isinstance(scope, str):
-        cls = t.cast("type[t.Any] | None", _NAMED.get(scope))
-    else:
-        cls = type(scope)
+    if scopefunc is not None or (isinstance(scope, TokenScope) and scope.scopefunc is not None):
+        # A TokenScope over a scopefunc is keyed by the function; reading a
+        # binding first would cost it a call on every lookup.
+        return "exact"
+    named = _NAMED.get(scope) if isinstance(scope, str) else type(scope)
+    cls = t.cast("type[t.Any] | None", named)
     kind = vars(cls).get("fast_key_kind", "exact") if cls is not None else "exact"
     return t.cast(FastKeyKind, kind)
 

@@ -1,8 +1,9 @@
 """``scoping.scoped_session``: SQLAlchemy's ``scoped_session`` with a strategy.
 
-It subclasses :class:`sqlalchemy.orm.scoped_session`, so every proxy method
-and attribute, ``query_property``, ``configure`` and ``__call__(**kw)`` are
-SQLAlchemy's own code, on 2.0 and 2.1 alike. What changes:
+It subclasses :class:`sqlalchemy.orm.scoped_session`, so ``query_property``,
+``configure`` and ``__call__(**kw)`` are SQLAlchemy's own code, and every
+proxy method and attribute has SQLAlchemy's signature and docstring and
+forwards as SQLAlchemy's does, on 2.0 and 2.1 alike. What changes:
 
 - the registry is a :class:`~scoping.Registry` fed by a scope strategy
   (``scope=``), which cleans up after scopes that end without ``remove()``;
@@ -12,9 +13,12 @@ SQLAlchemy's own code, on 2.0 and 2.1 alike. What changes:
   Session on exit, and binds a token for the token strategy;
 - in a child made by ``os.fork()`` inherited Sessions are forgotten, never
   touched, and the bound engines get fresh pools (:mod:`scoping.fork`);
-- proxied calls compute the key without an extra Python call level: what
-  that costs against SQLAlchemy's thread-local proxy is measured by
-  ``python -m stress.bench --only proxy`` (see docs/benchmarks.md).
+- every proxy runs the key lookup in its own body (:mod:`scoping._hot_path`
+  generates them from SQLAlchemy's): one Python call per proxied use (two
+  where the key is a function to call, such as a ``scopefunc``), where
+  SQLAlchemy's makes three. What that costs against SQLAlchemy's thread-local
+  proxy is measured by ``python -m stress.bench --only proxy`` (see
+  docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.orm import scoped_session as _sa_scoped_session
 from sqlalchemy.util import warn
 
-from . import _units, fork
+from . import _hot_path, _units, fork
 from .errors import ScopeReentered
 from .guard import SessionGuard
 from .registry import Registry
@@ -76,9 +80,17 @@ class scoped_session(_sa_scoped_session[_S]):
         scope: str | ScopeStrategy = "auto",
         guard: bool = False,
     ) -> scoped_session[_S]:
-        # The class whose hot path inlines the strategy's key shape, chosen
-        # before the instance exists (see _inlined_class).
-        return super().__new__(_inlined_class(cls, fast_key_kind(scope, scopefunc)) or cls)
+        # The class whose proxies run the strategy's key lookup inline
+        # (scoping._hot_path), chosen before the instance exists.
+        if session_factory is None and "_hot_path_kind" in vars(cls):
+            return super().__new__(cls)  # copy/pickle: cls.__new__(cls), then the state
+        made = _hot_path.hot_path_class(cls, fast_key_kind(scope, scopefunc), scoped_session)
+        instance = super().__new__(made or cls)
+        if not isinstance(instance, cls):
+            # cls was generated for another key shape (type(Session)(...)):
+            # Python runs __init__ only on instances of cls, so it runs here.
+            type(instance).__init__(instance, session_factory, scopefunc, scope=scope, guard=guard)
+        return instance
 
     def __init__(
         self,
@@ -125,19 +137,24 @@ class scoped_session(_sa_scoped_session[_S]):
         # Each strategy declares its hot-path key (scopes.FastKeyKind), on its
         # own class only: a subclass that redefines current() falls back to
         # calling it ("exact"). "exact" and "fast" keys are called through
-        # self._fast; the "greenlet" and "context" shapes are inlined by a
-        # subclass of this class (_inlined_class), so that a hit makes no
-        # Python call besides the property itself.
-        # The inlined subclass is picked in __new__, before the instance
-        # exists: swapping __class__ afterwards would leave the attribute
-        # layout of the first class, and every self._sessions read slower.
+        # self._fast; the "greenlet" and "context" shapes are written inline.
+        # Either way the lookup runs inside every proxy of the subclass that
+        # scoping._hot_path generates, so a hit makes no Python call besides
+        # the proxy itself. That subclass is picked in __new__, before the
+        # instance exists: swapping __class__ afterwards would leave the
+        # attribute layout of the first class, and every self._sessions read
+        # slower.
         declared = vars(type(self.strategy))
         kind = fast_key_kind(self.strategy)
         self._fast: t.Callable[[], t.Hashable] = (
             self.strategy.fast_key if "fast_key" in declared else self._current  # type: ignore[attr-defined]
         )
+        # The "token" shape's binding reader (scopes.TokenScope.read_binding).
+        self._read_binding: t.Callable[[], t.Any] | None = getattr(
+            self.strategy, "read_binding", None
+        )
         self._miss: t.Callable[[t.Hashable], _S] = self._registry_miss
-        if kind == "exact" or type(self.strategy) is GreenletScope:
+        if kind in ("exact", "token") or type(self.strategy) is GreenletScope:
             self._miss = self.registry._create  # the fast key is the key
         elif kind == "context":
             self._miss = self._context_miss
@@ -152,6 +169,8 @@ class scoped_session(_sa_scoped_session[_S]):
 
     @property
     def _proxied(self) -> _S:
+        # The generic lookup (scoping._hot_path.lookup_source("exact") is the
+        # same statements, run inline by the generated proxies).
         key = self._fast()  # outside the try: a scopefunc's KeyError propagates
         try:
             return self._sessions[key]
@@ -174,15 +193,9 @@ class scoped_session(_sa_scoped_session[_S]):
             if self.guard:
                 SessionGuard.install(session, self.strategy)
             return session
-        # The body of _proxied, repeated on purpose: Session() is called once
-        # or more per request, and a property call here costs 15-20 %.
-        key = self._fast()
-        try:
-            session = self._sessions[key]
-        except KeyError:
-            session = self._miss(key)
-        except TypeError:
-            session = self.registry()
+        # Runs only where a subclass defines _proxied or __call__ itself:
+        # everywhere else scoping._hot_path's generated __call__ does.
+        session = self._proxied
         if session._is_asyncio:
             return super().__call__()  # SQLAlchemy's own deprecation warning
         return session
@@ -342,117 +355,7 @@ def check_removable(sessions: tuple[object, ...], kinds: str) -> None:
             )
 
 
-# --- inlined hot paths ----------------------------------------------------------
-# greenlet.getcurrent is never patched by gevent, so binding it at import is
-# safe (scoping._units.getcurrent is its one home); nothing else is bound here.
-_getcurrent = _units.getcurrent()
-_id = id  # a module global is found one dict sooner than a builtin
-
-
-class _GreenletKeyed(scoped_session[_S]):
-    """Hot path for the ``"greenlet"`` key shape: ``greenlet.getcurrent()``.
-
-    The running greenlet is the key, or (a raw greenlet of an unpatched
-    thread under ``"thread"``) not a key at all: then ``current()`` decides.
-    """
-
-    @property
-    def _proxied(self) -> _S:
-        try:
-            return self._sessions[_getcurrent()]
-        except KeyError:  # the key again, here only: a local costs every hit
-            return self._miss(_getcurrent())
-
-    def __call__(self, **kw: t.Any) -> _S:
-        if kw:
-            return scoped_session.__call__(self, **kw)
-        try:
-            session = self._sessions[_getcurrent()]
-        except KeyError:
-            session = self._miss(_getcurrent())
-        if session._is_asyncio:
-            return _sa_scoped_session.__call__(self)  # SQLAlchemy's deprecation warning
-        return session
-
-    def remove(self) -> None:
-        session = self.registry._discard(_getcurrent())
-        if session is None:  # not the key (see above), or nothing to remove
-            session = self.registry._pop_current()
-        if session is not None:
-            session.close()
-
-    remove.__doc__ = scoped_session.remove.__doc__
-
-
-class _ContextKeyed(scoped_session[_S]):
-    """Hot path for the ``"context"`` key shape: the running Context's id.
-
-    ``gr_context`` is None until the greenlet has a Context; ``id(None)`` is
-    never a key, so that case misses and goes through the strategy, which
-    makes the Context (and no Session can exist there to remove).
-    """
-
-    @property
-    def _proxied(self) -> _S:
-        try:
-            return self._sessions[_id(_getcurrent().gr_context)]
-        except KeyError:  # the key again, here only: a local costs every hit
-            return self._miss(_id(_getcurrent().gr_context))
-
-    def __call__(self, **kw: t.Any) -> _S:
-        if kw:
-            return scoped_session.__call__(self, **kw)
-        try:
-            session = self._sessions[_id(_getcurrent().gr_context)]
-        except KeyError:
-            session = self._miss(_id(_getcurrent().gr_context))
-        if session._is_asyncio:
-            return _sa_scoped_session.__call__(self)  # SQLAlchemy's deprecation warning
-        return session
-
-    def remove(self) -> None:
-        session = self.registry._discard(_id(_getcurrent().gr_context))
-        if session is not None:
-            session.close()
-
-    remove.__doc__ = scoped_session.remove.__doc__
-
-
-_NO_CONTEXT: t.Final = id(None)
-
-
-_INLINED: dict[str, type[scoped_session[t.Any]]] = {
-    "greenlet": _GreenletKeyed,
-    "context": _ContextKeyed,
-}
-_inlined_classes: dict[tuple[type[t.Any], str], type[t.Any]] = {}
-
-
-def _inlined_class(cls: type[scoped_session[t.Any]], kind: str) -> type[t.Any] | None:
-    """The subclass of ``cls`` whose hot path inlines the ``kind`` key shape, if any.
-
-    A class per (cls, kind), made once and cached: it has ``cls``'s name, and
-    ``isinstance`` with ``cls`` (and any user subclass) holds. None when the
-    shape has no inlined path, or when ``cls`` overrides ``_proxied`` or
-    ``__call__`` itself (its own code then runs as written).
-    """
-    inline = _INLINED.get(kind)
-    if inline is None or issubclass(cls, inline):
-        return None
-    for klass in cls.__mro__:
-        if klass is scoped_session:
-            break
-        if "_proxied" in vars(klass) or "__call__" in vars(klass):
-            return None
-    made = _inlined_classes.get((cls, kind))
-    if made is None:
-        made = type(
-            cls.__name__,
-            (inline, cls),
-            {"__module__": cls.__module__, "__qualname__": cls.__qualname__, "__slots__": ()},
-        )
-        _inlined_classes[(cls, kind)] = made
-    return made
+_NO_CONTEXT: t.Final = id(None)  # the Context key of a greenlet without a Context
 
 
 _IDLE: t.Final = object()

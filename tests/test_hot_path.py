@@ -11,7 +11,10 @@ and the rule ``"auto"`` inlines (the Context, tasks included) against
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
+import copy
+import inspect
 import threading
 import typing as t
 
@@ -19,11 +22,31 @@ import greenlet
 import pytest
 from sqlalchemy import create_engine
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import scoped_session as _sa_scoped_session
 
 import scoping
+from scoping import _hot_path
 from scoping.asyncio import async_scoped_session
 
-INLINED = ["thread", "greenlet", "contextvar", "auto"]
+STRATEGIES = list(scoping.scopes.STRATEGY_NAMES)
+
+
+@contextlib.contextmanager
+def _bound(S: t.Any, strategy: str) -> t.Iterator[None]:
+    """A token bound for the token strategy; nothing to do for the others."""
+    handle = S.strategy.bind("t") if strategy == "token" else None
+    try:
+        yield
+    finally:
+        if handle is not None:
+            S.strategy.reset(handle)
+
+
+class Fixed(scoping.BaseScope):
+    """A custom strategy: its key is called, "exact"."""
+
+    def current(self) -> t.Hashable:
+        return "fixed"
 
 
 @pytest.fixture
@@ -33,31 +56,146 @@ def factory() -> t.Iterator[sessionmaker[Session]]:
     engine.dispose()
 
 
-@pytest.mark.parametrize("strategy", INLINED)
-def test_inlined_class_keeps_the_public_name_and_type(
+@pytest.mark.parametrize("strategy", [*STRATEGIES, "custom"])
+def test_generated_class_keeps_the_public_name_and_type(
+    strategy: str, factory: sessionmaker[Session]
+) -> None:
+    scope: t.Any = Fixed() if strategy == "custom" else strategy
+    S = scoping.scoped_session(factory, scope=scope)
+    assert isinstance(S, scoping.scoped_session)
+    assert type(S) is not scoping.scoped_session  # the generated subclass runs
+    assert type(S).__name__ == "scoped_session"
+    assert type(S).__qualname__ == "scoped_session"
+    assert type(S).__doc__ == scoping.scoped_session.__doc__
+    assert repr(S).startswith("<scoping.session.scoped_session ")
+    # One class per (class, shape), made once.
+    assert type(scoping.scoped_session(factory, scope=scope)) is type(S)
+    with _bound(S, strategy):
+        assert S() is S._proxied is S.registry()
+        S.remove()
+        assert len(S.registry) == 0
+
+
+def test_a_generated_class_called_again_picks_the_new_strategys_path(
+    factory: sessionmaker[Session],
+) -> None:
+    # type(S)(...) must not keep S's key shape for another strategy.
+    S = scoping.scoped_session(factory, scope="contextvar")
+    T = type(S)(factory, scope="token", scopefunc=None)
+    assert type(T) is type(scoping.scoped_session(factory, scope="token"))
+    assert type(T) is not type(S)
+    with T.scope("a") as a:
+        assert T() is a
+    with T.scope("b") as b:
+        assert b is not a
+
+
+def test_every_sqlalchemy_proxy_is_generated_with_its_signature(
+    factory: sessionmaker[Session],
+) -> None:
+    methods, attributes = _hot_path.sqlalchemy_proxies()
+    # The known core of SQLAlchemy's list (2.0 and 2.1): the detection finds it.
+    assert {"add", "commit", "execute", "get", "rollback", "scalars", "__iter__"} <= set(methods)
+    assert {"info", "bind", "dirty", "autoflush", "no_autoflush"} <= set(attributes)
+    for strategy in STRATEGIES:
+        generated = vars(type(scoping.scoped_session(factory, scope=strategy)))
+        for name in methods:
+            ours, theirs = generated[name], vars(_sa_scoped_session)[name]
+            assert inspect.signature(ours) == inspect.signature(theirs), name
+            assert ours.__doc__ == theirs.__doc__, name
+            assert ours.__qualname__ == f"scoped_session.{name}"
+        for name in attributes:
+            ours, theirs = generated[name], vars(_sa_scoped_session)[name]
+            assert ours.__doc__ == theirs.__doc__, name
+            assert ours.fset is theirs.fset, name
+
+
+def _call_arguments(name: str, func: t.Any) -> tuple[list[object], dict[str, object]]:
+    """A call of ``func`` giving every parameter a distinct sentinel."""
+    args: list[object] = []
+    kwargs: dict[str, object] = {}
+    for param in list(inspect.signature(func).parameters.values())[1:]:
+        if param.kind in (param.POSITIONAL_ONLY, param.POSITIONAL_OR_KEYWORD):
+            args.append(f"{name}.{param.name}")
+        elif param.kind is param.VAR_POSITIONAL:
+            args.extend([f"{name}.*1", f"{name}.*2"])
+        elif param.kind is param.KEYWORD_ONLY:
+            kwargs[param.name] = f"{name}.{param.name}"
+        else:
+            kwargs["extra_keyword"] = f"{name}.**"
+    return args, kwargs
+
+
+@pytest.mark.parametrize("strategy", [*STRATEGIES, "custom"])
+def test_every_generated_proxy_forwards_as_sqlalchemys_does(
+    strategy: str, factory: sessionmaker[Session]
+) -> None:
+    # Each Session method is replaced on the instance by a recorder; the
+    # generated proxy and SQLAlchemy's own, called alike, must reach the same
+    # Session with the same arguments (bound to the Session method's signature).
+    S = scoping.scoped_session(factory, scope=Fixed() if strategy == "custom" else strategy)
+    with _bound(S, strategy):
+        _check_forwarding(S)
+
+
+def _check_forwarding(S: scoping.scoped_session[Session]) -> None:
+    session = S()
+    methods, _ = _hot_path.sqlalchemy_proxies()
+    calls: list[tuple[str, dict[str, object]]] = []
+    for name in methods:
+        signature = inspect.signature(getattr(Session, name))
+
+        def record(*a: object, _name: str = name, _sig: t.Any = signature, **kw: object) -> str:
+            calls.append((_name, dict(_sig.bind(session, *a, **kw).arguments)))
+            return _name
+
+        setattr(session, name, record)
+    for name in methods:
+        args, kwargs = _call_arguments(name, vars(_sa_scoped_session)[name])
+        assert getattr(type(S), name)(S, *args, **kwargs) == name
+        assert vars(_sa_scoped_session)[name](S, *args, **kwargs) == name
+        ours, theirs = calls[-2:]
+        assert ours == theirs, name
+    S.remove()
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_generated_attributes_read_and_set_the_current_session(
     strategy: str, factory: sessionmaker[Session]
 ) -> None:
     S = scoping.scoped_session(factory, scope=strategy)
-    assert isinstance(S, scoping.scoped_session)
-    assert type(S) is not scoping.scoped_session  # the inlined subclass runs
-    assert type(S).__name__ == "scoped_session"
-    assert repr(S).startswith("<scoping.session.scoped_session ")
-    # One class per (class, shape), made once.
-    assert type(scoping.scoped_session(factory, scope=strategy)) is type(S)
+    with S.scope("t" if strategy == "token" else None) as session:
+        assert S.info is session.info
+        S.autoflush = False  # SQLAlchemy's setter, through _proxied
+        assert session.autoflush is False
+        assert S.autoflush is False
+        assert S.is_active is session.is_active
+        assert list(S) == []
 
 
-def test_token_and_custom_strategies_use_the_generic_path(
-    factory: sessionmaker[Session],
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_a_generated_proxy_misses_into_the_strategy(
+    strategy: str, factory: sessionmaker[Session]
 ) -> None:
-    assert type(scoping.scoped_session(factory, scope="token")) is scoping.scoped_session
+    # The first use of a scope through a proxy (not Session()) makes its Session.
+    S = scoping.scoped_session(factory, scope=strategy)
+    out: list[object] = []
 
-    class Fixed(scoping.BaseScope):
-        def current(self) -> t.Hashable:
-            return "fixed"
+    def first_use() -> None:
+        if strategy == "token":
+            with S.scope("g"):
+                out.extend([S.info, S.registry().info])
+        else:
+            out.extend([S.info, S.registry().info])
+            S.remove()
 
-    S = scoping.scoped_session(factory, scope=Fixed())
-    assert type(S) is scoping.scoped_session
-    assert S() is S._proxied
+    greenlet.greenlet(first_use).switch()
+    thread = threading.Thread(target=first_use)
+    thread.start()
+    thread.join()
+    assert out[0] is out[1]
+    assert out[2] is out[3]
+    assert out[0] is not out[2]
 
 
 def test_a_subclass_that_overrides_the_hot_path_keeps_its_own(
@@ -73,18 +211,21 @@ def test_a_subclass_that_overrides_the_hot_path_keeps_its_own(
 
     S = Traced(factory, scope="contextvar")
     assert type(S) is Traced
-    session = S()
+    session = S()  # Session() goes through the subclass's _proxied too
     assert S.info is session.info
-    assert seen == ["proxied"]
+    assert seen == ["proxied", "proxied"]
     S.remove()
 
 
-def test_a_plain_subclass_gets_the_inlined_path_and_stays_itself(
-    factory: sessionmaker[Session],
-) -> None:
+def test_a_subclass_keeps_the_proxies_it_defines(factory: sessionmaker[Session]) -> None:
+    added: list[object] = []
+
     class Mine(scoping.scoped_session[Session]):
         def hello(self) -> str:
             return "hi"
+
+        def add(self, instance: object, _warn: bool = True) -> None:
+            added.append(instance)
 
     S = Mine(factory, scope="auto")
     assert isinstance(S, Mine)
@@ -92,6 +233,12 @@ def test_a_plain_subclass_gets_the_inlined_path_and_stays_itself(
     assert type(S).__name__ == "Mine"
     assert S.hello() == "hi"
     assert S() is S._proxied
+    assert "add" not in vars(type(S))  # the subclass's add runs
+    assert "commit" in vars(type(S))  # SQLAlchemy's proxies are generated
+    S.add("x")
+    assert added == ["x"]
+    assert len(S().new) == 0
+    S.remove()
 
 
 def test_thread_remove_in_a_raw_greenlet_finds_the_threads_session(
@@ -199,3 +346,54 @@ def test_auto_to_thread_gets_its_own_session(factory: sessionmaker[Session]) -> 
     mine = asyncio.run(main())
     sessions = [s for s, _ in seen]
     assert len({id(s) for s in [mine, *sessions]}) == 3
+
+
+@pytest.mark.parametrize("strategy", ["token", "contextvar"])
+def test_a_copy_keeps_its_class(strategy: str, factory: sessionmaker[Session]) -> None:
+    S = scoping.scoped_session(factory, scope=strategy)
+    assert type(copy.copy(S)) is type(S)
+
+
+def test_token_shape_reads_the_blocks_binding_and_falls_back_to_the_strategy(
+    factory: sessionmaker[Session],
+) -> None:
+    # The "token" key shape reads the live binding inline; every other case
+    # (no block, a dead binding in a copied context) is the strategy's answer.
+    S = scoping.scoped_session(factory, scope="token")
+    assert type(S)._hot_path_kind == "token"
+    with pytest.raises(scoping.NoScopeToken):
+        S()
+    with pytest.raises(scoping.NoScopeToken):
+        S.info  # noqa: B018
+    with S.scope("a") as a:
+        assert S() is a
+        assert S.info is a.info
+        with S.scope("b") as b:
+            assert S() is b is not a
+        assert S() is a
+        copied = contextvars.copy_context()
+    with pytest.raises(scoping.ScopeEnded):
+        copied.run(S)
+    with pytest.raises(scoping.ScopeEnded):
+        copied.run(lambda: S.info)
+    assert len(S.registry) == 0
+
+
+def test_token_over_a_scopefunc_calls_it_and_a_block_still_wins(
+    factory: sessionmaker[Session],
+) -> None:
+    current = ["r1"]
+    S = scoping.scoped_session(factory, scopefunc=lambda: current[0])
+    T = scoping.scoped_session(factory, scope=scoping.TokenScope(scopefunc=lambda: current[0]))
+    for proxy in (S, T):
+        assert type(proxy)._hot_path_kind == "exact"  # no binding read per lookup
+        first = proxy()
+        assert proxy.info is first.info
+        current[0] = "r2"
+        assert proxy() is not first
+        with proxy.scope("block") as block:
+            assert proxy() is block
+        proxy.remove()
+        current[0] = "r1"
+        assert proxy() is first
+        proxy.remove()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import typing as t
+import uuid
 import warnings
 
 import greenlet
@@ -129,6 +130,57 @@ def test_many_tokens_leave_nothing_behind(factory: sessionmaker[Session]) -> Non
     assert len(S.registry) == 0
     assert S.registry._watched == {}
     assert S._depth == {}
+
+
+def test_a_token_whose_end_nobody_can_see_is_not_watched(
+    factory: sessionmaker[Session],
+) -> None:
+    # A request id has no end a strategy can see: no watch() call and no
+    # bookkeeping for it (scopes.ENDLESS_KEY_TYPES), only the Session.
+    watched: list[object] = []
+
+    class Recording(scoping.TokenScope):
+        endless_key_types = scoping.TokenScope.endless_key_types
+
+        def watch(self, key: t.Hashable, on_end: t.Callable[[t.Hashable], None]) -> bool:
+            watched.append(key)
+            return super().watch(key, on_end)
+
+    S = scoping.scoped_session(factory, scope=Recording())
+    for token in ["request-1", 7, ("tenant", 7), uuid.uuid4()]:
+        with S.scope(token):
+            assert S.registry._watched == {}
+            assert len(S.registry) == 1
+    assert watched == []
+    assert len(S.registry) == 0
+
+    class Tagged(str):
+        pass
+
+    # Exact types only: a subclass of str may be a user's unit, and is watched.
+    # So is a unit key (scopefunc=greenlet.getcurrent), whose end is signalled.
+    with S.scope(Tagged("request-2")):
+        S()
+    glet = greenlet.getcurrent()
+    T = scoping.scoped_session(factory, scope=Recording(scopefunc=lambda: glet))
+    T()
+    assert watched == ["request-2", glet]
+    assert T.registry._watched == {glet: True}
+    T.remove()
+
+
+def test_endless_key_types_are_read_from_the_strategys_own_class(
+    factory: sessionmaker[Session],
+) -> None:
+    class Tenants(scoping.TokenScope):
+        """Watches its str keys itself (a tenant that can be retired)."""
+
+        def watch(self, key: t.Hashable, on_end: t.Callable[[t.Hashable], None]) -> bool:
+            return False  # "poll me"
+
+    S = scoping.scoped_session(factory, scope=Tenants())
+    with S.scope("tenant-a"):
+        assert S.registry._watched == {"tenant-a": False}
 
 
 def test_scopefunc_gives_token_strategy(factory: sessionmaker[Session]) -> None:

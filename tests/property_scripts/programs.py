@@ -1311,7 +1311,9 @@ def leftovers(*objects: t.Any) -> list[str]:
                 value = getattr(obj, name)
             except AttributeError:
                 continue
-            if isinstance(value, (dict, list, set, frozenset, collections.deque)) and value:
+            # Mutable collections only: a frozenset is configuration (the
+            # registry's endless key types), it cannot grow with the program.
+            if isinstance(value, (dict, list, set, collections.deque)) and value:
                 found.append(f"{type(obj).__name__}.{name} = {_short(value)}")
     return found
 
