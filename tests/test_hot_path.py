@@ -397,3 +397,18 @@ def test_token_over_a_scopefunc_calls_it_and_a_block_still_wins(
         current[0] = "r1"
         assert proxy() is first
         proxy.remove()
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_an_async_session_gets_sqlalchemys_deprecation_warning(strategy: str) -> None:
+    # As SQLAlchemy's scoped_session does: checked where the Session is made.
+    from sqlalchemy.exc import SADeprecationWarning
+    from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+    S: t.Any = scoping.scoped_session(async_sessionmaker(), scope=strategy)
+    with _bound(S, strategy):
+        with pytest.warns(SADeprecationWarning, match="async_scoped_session"):
+            session = S()
+        assert isinstance(session, AsyncSession)
+        assert S() is session
+        S.registry.clear()
