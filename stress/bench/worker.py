@@ -12,6 +12,7 @@ pool.
 
 from __future__ import annotations
 
+import statistics
 import sys
 
 if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] in ("memory", "e2e"):
@@ -80,6 +81,12 @@ def scale(args: dict[str, t.Any]) -> dict[str, t.Any]:
     parked: list[greenlet.greenlet] = []
     timer = timeit.Timer("S.info", globals={"S": session})
     empty = timeit.Timer("pass")
+    # SQLAlchemy's thread-local proxy, timed in the same rounds: its cost does
+    # not depend on the number of scopes, so ns / reference cancels the
+    # machine's slow phases (which last longer than one size's rounds).
+    reference = sa_scoped_session(factory)
+    reference()
+    reference_timer = timeit.Timer("R.info", globals={"R": reference})
     out: list[dict[str, t.Any]] = []
     for size in sizes:
         while len(parked) < size - 1:  # the main greenlet is one of the live scopes
@@ -87,22 +94,32 @@ def scale(args: dict[str, t.Any]) -> dict[str, t.Any]:
             g.switch(len(parked))
             parked.append(g)
         live = len(session.registry.registry)
-        best = best_empty = float("inf")
-        for _ in range(rounds):
-            best = min(best, timer.timeit(number))
-            best_empty = min(best_empty, empty.timeit(number))
-        out.append(
-            {
-                "scopes": size,
-                "live": live,
-                "ns": round((best - best_empty) / number * 1e9, 1),
-            }
-        )
+        ns, ratio = _time_against(timer, reference_timer, empty, number, rounds)
+        out.append({"scopes": size, "live": live, "ns": ns, "ratio": ratio})
     for g in parked:  # finish each greenlet: scope() exits and removes its Session
         g.switch()
     if main_scope is not None:
         main_scope.__exit__(None, None, None)
     return {"variant": variant, "points": out}
+
+
+def _time_against(
+    timer: timeit.Timer, reference: timeit.Timer, empty: timeit.Timer, number: int, rounds: int
+) -> tuple[float, float]:
+    """(ns per call: min over rounds, ratio: median of the same round's ratio to ``reference``).
+
+    Only a slow phase shorter than one round (two timings) can move the ratio.
+    """
+    took, references, empties = [], [], []
+    for _ in range(rounds):
+        took.append(timer.timeit(number))
+        references.append(reference.timeit(number))
+        empties.append(empty.timeit(number))
+    floor = min(empties)
+    ratio = statistics.median(
+        (ours - floor) / (ref - floor) for ours, ref in zip(took, references, strict=True)
+    )
+    return round((min(took) - floor) / number * 1e9, 1), round(ratio, 3)
 
 
 # --- memory without remove() ------------------------------------------------
