@@ -55,31 +55,30 @@ _INLINE_KEYS: dict[str, str] = {
     "context": "_id(_getcurrent().gr_context)",
 }
 
-# "exact" and "fast": the strategy's key function (a scopefunc, a token
-# lookup), called once, outside the try so that its own KeyError propagates.
-_CALLED_KEY_LOOKUP = """\
-    key = self._fast()
-    try:
-        session = self._sessions[key]
-    except KeyError:
-        session = self._miss(key)
-{after_miss}    except TypeError:
-        session = self.registry()  # raises the unhashable-key error
-"""
-
-# "token": a scope(token) block's live binding, read inline (one C call);
-# without one, the strategy's key function decides (its error, or a scopefunc).
-_BINDING_LOOKUP = """\
+# Keys computed before the lookup, into a local (outside the try, so that a
+# scopefunc's own KeyError propagates):
+# - "exact" and "fast": the strategy's key function (a scopefunc, a token
+#   lookup), called once;
+# - "token": a scope(token) block's live binding, read inline (one C call);
+#   without one, the strategy's key function decides (its error, or a scopefunc).
+_COMPUTED_KEYS: dict[str, str] = {
+    "exact": "    key = self._fast()\n",
+    "token": """\
     binding = self._read_binding()
     if binding is not None and binding.live:
         key = binding.token
     else:
         key = self._fast()
+""",
+}
+
+_LOCAL_KEY_LOOKUP = """\
     try:
         session = self._sessions[key]
     except KeyError:
         session = self._miss(key)
-{after_miss}    except TypeError:
+{after_miss}\
+    except TypeError:
         session = self.registry()  # raises the unhashable-key error
 """
 
@@ -135,8 +134,8 @@ def lookup_source(kind: str, after_miss: str = "") -> str:
     key = _INLINE_KEYS.get(kind)
     if key is not None:
         return _INLINE_KEY_LOOKUP.format(key=key, after_miss=after_miss)
-    lookup = _BINDING_LOOKUP if kind == "token" else _CALLED_KEY_LOOKUP
-    return lookup.format(after_miss=after_miss)
+    computed = _COMPUTED_KEYS.get(kind, _COMPUTED_KEYS["exact"])  # "fast" calls it too
+    return computed + _LOCAL_KEY_LOOKUP.format(after_miss=after_miss)
 
 
 def sqlalchemy_proxies() -> tuple[list[str], list[str]]:
