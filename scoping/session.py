@@ -123,8 +123,16 @@ class scoped_session(_sa_scoped_session[_S]):
           strategy other than ``"auto"``/``"token"``.
         """
         check_arguments(session_factory, guard, "sqlalchemy.orm.sessionmaker(bind=engine)")
+        strategy = strategy_for(scope, scopefunc)
+        kind = fast_key_kind(strategy)
+        if getattr(type(self), "_hot_path_kind", kind) != kind:
+            # A subclass's own __init__ chose the strategy (scope= fixed there),
+            # which __new__ could not see: take that key shape's class, before
+            # any attribute is set (the instance dict then has its layout).
+            made = _hot_path.hot_path_class(type(self), kind, scoped_session)
+            self.__class__ = t.cast("type[scoped_session[_S]]", made)  # never None here
         self.session_factory = session_factory
-        self.strategy = strategy_for(scope, scopefunc)
+        self.strategy = strategy
         self.guard = guard
         createfunc: t.Callable[[], _S] = session_factory
         if guard:
@@ -145,7 +153,6 @@ class scoped_session(_sa_scoped_session[_S]):
         # attribute layout of the first class, and every self._sessions read
         # slower.
         declared = vars(type(self.strategy))
-        kind = fast_key_kind(self.strategy)
         self._fast: t.Callable[[], t.Hashable] = (
             self.strategy.fast_key if "fast_key" in declared else self._current  # type: ignore[attr-defined]
         )

@@ -412,3 +412,23 @@ def test_an_async_session_gets_sqlalchemys_deprecation_warning(strategy: str) ->
         assert isinstance(session, AsyncSession)
         assert S() is session
         S.registry.clear()
+
+
+def test_a_subclass_that_fixes_the_strategy_in_its_init_gets_that_hot_path(
+    factory: sessionmaker[Session],
+) -> None:
+    # __new__ sees only the call's arguments (scope defaults to "auto"); the
+    # strategy this subclass passes on must decide the key, never the Context.
+    class RequestScoped(scoping.scoped_session[Session]):
+        def __init__(self, session_factory: sessionmaker[Session]) -> None:
+            super().__init__(session_factory, scope="token")
+
+    S = RequestScoped(factory)
+    assert type(S)._hot_path_kind == "token"
+    assert isinstance(S, RequestScoped)
+    with S.scope("a") as a:
+        assert S() is a
+        assert S.info is a.info
+    with S.scope("b") as b:
+        assert S() is b is not a
+    assert len(S.registry) == 0
