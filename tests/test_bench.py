@@ -97,7 +97,9 @@ def test_calls_section_counts_every_hot_path(quick: tuple[dict[str, t.Any], str]
     assert list(calls) == PROXY_VARIANTS
     assert calls["direct"] == {"info": {"python": 0, "c": 0}}
     for name in PROXY_VARIANTS[1:]:
-        assert set(calls[name]) == {"info", "call", "miss"}
+        # The cycle section's request is counted for the variants it times.
+        cycled = name == "sqlalchemy" or name in STRATEGIES
+        assert set(calls[name]) == {"info", "call", "miss"} | ({"cycle"} if cycled else set())
         for cell in calls[name].values():
             assert isinstance(cell["python"], int)
             assert isinstance(cell["c"], int)
