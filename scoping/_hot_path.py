@@ -224,6 +224,8 @@ def hot_path_class(cls: type[t.Any], kind: str, base: type[t.Any]) -> type[t.Any
 
     None when ``cls`` (or a class between it and ``base``) defines
     ``_proxied`` or ``__call__`` itself: its own code then runs as written.
+    A ``remove()`` or proxy that such a class defines is likewise kept, and
+    the generated class inlines only the names it leaves to ``base``.
     Made once per (cls, kind) and cached; it has ``cls``'s name, module and
     qualified name, and ``isinstance`` with ``cls`` holds.
     """
@@ -252,7 +254,7 @@ def hot_path_class(cls: type[t.Any], kind: str, base: type[t.Any]) -> type[t.Any
     body["__call__"] = namespace.pop("__call__")
     body["__call__"].__doc__ = cls.__call__.__doc__
     key = _INLINE_KEYS.get(kind)
-    if key is not None:
+    if key is not None and inspect.getattr_static(cls, "remove") is vars(base)["remove"]:
         fallback = _REMOVE_FALLBACK if kind == "greenlet" else ""
         exec(_REMOVE.format(key=key, fallback=fallback), namespace)
         body["remove"] = namespace.pop("remove")

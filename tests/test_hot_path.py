@@ -241,6 +241,25 @@ def test_a_subclass_keeps_the_proxies_it_defines(factory: sessionmaker[Session])
     S.remove()
 
 
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_a_subclass_keeps_its_own_remove(strategy: str, factory: sessionmaker[Session]) -> None:
+    removed: list[Session] = []
+
+    class Logged(scoping.scoped_session[Session]):
+        def remove(self) -> None:
+            removed.append(self())
+            super().remove()
+
+    S = Logged(factory, scope=strategy)
+    assert "remove" not in vars(type(S))  # the subclass's remove() runs
+    with _bound(S, strategy):
+        session = S()
+        S.remove()
+        assert removed == [session]
+        assert S() is not session  # super().remove() still ended the Session
+        S.remove()
+
+
 def test_thread_remove_in_a_raw_greenlet_finds_the_threads_session(
     factory: sessionmaker[Session],
 ) -> None:
