@@ -49,6 +49,7 @@ from __future__ import annotations
 import contextvars
 import sys
 import threading
+import types
 import typing as t
 import uuid
 import warnings
@@ -167,6 +168,33 @@ class BaseScope:
         return f"<{type(self).__name__} {self.name!r}>"
 
 
+def _install_key_functions(
+    strategy: t.Any, current: t.Callable[[], t.Hashable], fast_key: t.Callable[[], t.Hashable]
+) -> None:
+    """Give ``strategy`` its key closures, unless its class defines ``current()`` itself.
+
+    The built-in strategies keep ``current`` and ``fast_key`` in slots, as
+    closures: the hot path then reads no attribute of the strategy. A
+    subclass's own ``current()`` is its rule and is kept (a closure stored on
+    the instance would hide it, or a slotted subclass could not be built);
+    its ``fast_key`` then calls that ``current()``, unless it defines one too.
+    """
+    if _is_slot(type(strategy), "current"):
+        strategy.current = current
+    else:
+        fast_key = strategy.current
+    if _is_slot(type(strategy), "fast_key"):
+        strategy.fast_key = fast_key
+
+
+def _is_slot(cls: type, name: str) -> bool:
+    """Is ``name`` on ``cls`` a slot (not a method or property a subclass defines)?"""
+    for klass in cls.__mro__:
+        if name in vars(klass):
+            return isinstance(vars(klass)[name], types.MemberDescriptorType)
+    return False
+
+
 # --- strategies --------------------------------------------------------------
 
 
@@ -198,8 +226,8 @@ class GreenletScope(BaseScope):
 
     def __init__(self) -> None:
         # greenlet.getcurrent is never patched by gevent: binding it is safe.
-        self.current: t.Callable[[], t.Hashable] = _units.getcurrent()
-        self.fast_key = self.current  # type: ignore[misc]
+        getcurrent = _units.getcurrent()
+        _install_key_functions(self, getcurrent, getcurrent)
 
 
 class ThreadScope(BaseScope):
@@ -271,11 +299,10 @@ class ThreadScope(BaseScope):
             except AttributeError:
                 return thread_key()
 
-        self.current: t.Callable[[], t.Hashable] = current
         # Keys are main greenlets (one per thread) or, patched, greenlets: the
         # running greenlet is either the key or not a key at all (a raw
         # greenlet of an unpatched thread, whose key is its main greenlet).
-        self.fast_key = getcurrent  # type: ignore[misc]
+        _install_key_functions(self, current, getcurrent)
 
 
 def _holds_context(unit: object, ctx: contextvars.Context) -> bool:
@@ -339,9 +366,7 @@ class ContextVarScope(BaseScope):
                 ctx = context()
             return _id(ctx)
 
-        # Closures, not methods: the hot path then reads no attributes.
-        self.current: t.Callable[[], t.Hashable] = current
-        self.fast_key = fast_key  # type: ignore[misc]
+        _install_key_functions(self, current, fast_key)
 
     def _context(self) -> contextvars.Context:
         ctx = self._getcurrent().gr_context
@@ -497,9 +522,7 @@ class TokenScope(BaseScope):
                 "`with Session.scope(token):`, or pass scopefunc= to scoped_session()"
             )
 
-        # A closure, not a method: the hot path then reads no attributes.
-        self.current: t.Callable[[], t.Hashable] = current
-        self.fast_key = current  # type: ignore[misc]
+        _install_key_functions(self, current, current)
 
     def bind(self, token: t.Hashable) -> contextvars.Token[_Binding | None]:
         """Make ``token`` current until :meth:`reset` is called with the result."""
@@ -581,8 +604,7 @@ class TaskScope(ContextVarScope):
                     return task
             return by_context()
 
-        self.current = current
-        self.fast_key = current  # type: ignore[misc]
+        _install_key_functions(self, current, current)
 
     def watch(self, key: t.Hashable, on_end: OnEnd) -> bool:
         if isinstance(key, int):

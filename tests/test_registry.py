@@ -6,6 +6,7 @@ import threading
 import typing as t
 import uuid
 import warnings
+import weakref
 
 import greenlet
 import pytest
@@ -332,6 +333,60 @@ def test_custom_strategy(factory: sessionmaker[Session]) -> None:
     assert S() is not first
     assert len(S.registry) == 2
     assert "request" in repr(S)
+
+
+BUILT_IN_STRATEGY_CLASSES = [
+    scoping.ThreadScope,
+    scoping.GreenletScope,
+    scoping.ContextVarScope,
+    scoping.TokenScope,
+    scoping.AutoScope,
+    scoping.TaskScope,
+]
+
+
+@pytest.mark.parametrize("slotted", [False, True], ids=["dict", "slots"])
+@pytest.mark.parametrize("base", BUILT_IN_STRATEGY_CLASSES, ids=lambda c: c.__name__)
+def test_a_strategy_subclass_keeps_its_own_current(
+    base: type[t.Any], slotted: bool, factory: sessionmaker[Session]
+) -> None:
+    # The built-in strategies keep current() as a closure in a slot; a
+    # subclass's own current() method is its rule, and must not be hidden
+    # by that closure (nor refused by a slotted subclass).
+    body: dict[str, t.Any] = {"current": lambda self: self.request_id}
+    if slotted:
+        body["__slots__"] = ("request_id",)
+    Request = type("Request", (base,), body)
+    strategy = Request()
+    strategy.request_id = "r1"
+    assert strategy.current() == "r1"
+    assert strategy.fast_key() == "r1"
+    S = scoping.scoped_session(factory, scope=strategy)
+    first = S()
+    assert list(S.registry.registry) == ["r1"]
+    assert S.info is first.info  # a generated proxy follows the same key
+    strategy.request_id = "r2"
+    assert S() is not first
+    assert sorted(S.registry.registry) == ["r1", "r2"]
+    S.remove()
+    assert list(S.registry.registry) == ["r1"]
+
+
+def test_a_token_that_is_a_weak_reference_is_its_own_key(factory: sessionmaker[Session]) -> None:
+    # ScopeBlock holds unit keys (greenlets, tasks) weakly; a token that is
+    # itself a weakref.ref must still be the key its block entered and exits.
+    class Request:
+        pass
+
+    request = Request()
+    token = weakref.ref(request)
+    S = scoping.scoped_session(factory, scope="token")
+    with S.scope(token) as session:
+        assert S() is session
+        assert list(S.registry.registry) == [token]
+        with S.scope(token) as inner:
+            assert inner is session
+    assert len(S.registry) == 0
 
 
 def test_configure_warns_like_sqlalchemy(factory: sessionmaker[Session]) -> None:
