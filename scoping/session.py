@@ -368,6 +368,16 @@ _NO_CONTEXT: t.Final = id(None)  # the Context key of a greenlet without a Conte
 _IDLE: t.Final = object()
 
 
+class _UnitRef(weakref.ref):  # type: ignore[type-arg]
+    """A :class:`ScopeBlock`'s weak reference to its unit key.
+
+    Its own type, so that a token which is itself a :class:`weakref.ref`
+    (hashable when its referent is) is never mistaken for one.
+    """
+
+    __slots__ = ()
+
+
 class ScopeBlock(t.Generic[_S]):
     """The context manager returned by :meth:`scoped_session.scope`.
 
@@ -402,7 +412,7 @@ class ScopeBlock(t.Generic[_S]):
             # block lives in the unit's own frame, so a strong reference would
             # make a cycle that keeps an abandoned greenlet alive forever.
             if _units.is_unit(key):
-                self._key = weakref.ref(key)
+                self._key = _UnitRef(key)
                 return owner._enter(key, owner._unit_depth)
             self._key = key
             return owner._enter(key, owner._depth)
@@ -416,7 +426,7 @@ class ScopeBlock(t.Generic[_S]):
     def __exit__(self, *exc_info: object) -> None:
         key, self._key = self._key, _IDLE
         try:
-            if type(key) is weakref.ref:
+            if type(key) is _UnitRef:
                 key = key()
                 if key is None:  # the unit is gone: its Session was retired with it
                     return
