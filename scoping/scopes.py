@@ -95,6 +95,12 @@ FastKeyKind = t.Literal["exact", "fast", "greenlet", "context", "token"]
 - ``"token"``: as ``"exact"``, where the hot path reads the live binding of
   a ``scope(token)`` block inline (``read_binding()``) and calls
   ``fast_key()`` only without one (TokenScope without a ``scopefunc``).
+
+A ``"greenlet"`` strategy may say when its fast key *is* the key, so that a
+miss makes the Session with no ``current()`` call: ``fast_key_is_key`` is
+``True`` (always: GreenletScope) or a function of the fast key (ThreadScope:
+a thread's main greenlet, or any greenlet once threading is patched).
+Without it, every miss asks ``current()``.
 """
 
 
@@ -223,6 +229,8 @@ class GreenletScope(BaseScope):
     __slots__ = ("current", "fast_key")
     name = "greenlet"
     fast_key_kind: FastKeyKind = "greenlet"
+    #: The running greenlet is always the key (see FastKeyKind).
+    fast_key_is_key: t.ClassVar[bool] = True
 
     def __init__(self) -> None:
         # greenlet.getcurrent is never patched by gevent: binding it is safe.
@@ -257,7 +265,7 @@ class ThreadScope(BaseScope):
     exit does.
     """
 
-    __slots__ = ("current", "fast_key")
+    __slots__ = ("current", "fast_key", "fast_key_is_key")
     name = "thread"
     fast_key_kind: FastKeyKind = "greenlet"
 
@@ -299,10 +307,18 @@ class ThreadScope(BaseScope):
             except AttributeError:
                 return thread_key()
 
+        def fast_key_is_key(glet: t.Any) -> bool:
+            # A thread's main greenlet is its own key; so is every greenlet
+            # once threading is patched, if that is still how current() last
+            # found it (else current() decides, and resyncs).
+            return glet.parent is None or (per_greenlet and threading_module.local is local_cls)
+
         # Keys are main greenlets (one per thread) or, patched, greenlets: the
         # running greenlet is either the key or not a key at all (a raw
         # greenlet of an unpatched thread, whose key is its main greenlet).
         _install_key_functions(self, current, getcurrent)
+        #: Is the running greenlet (the fast key) the key? (see FastKeyKind)
+        self.fast_key_is_key: t.Callable[[t.Any], bool] = fast_key_is_key
 
 
 def _holds_context(unit: object, ctx: contextvars.Context) -> bool:

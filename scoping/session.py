@@ -35,7 +35,7 @@ from . import _hot_path, _units, fork
 from .errors import ScopeReentered
 from .guard import SessionGuard
 from .registry import Registry
-from .scopes import GreenletScope, ScopeStrategy, fast_key_kind, strategy_for
+from .scopes import ScopeStrategy, fast_key_kind, strategy_for
 
 if t.TYPE_CHECKING:
     from sqlalchemy.engine import Engine
@@ -160,11 +160,19 @@ class scoped_session(_sa_scoped_session[_S]):
         self._read_binding: t.Callable[[], t.Any] | None = getattr(
             self.strategy, "read_binding", None
         )
+        # A miss makes the Session straight from the fast key where the
+        # strategy says that key is the key (scopes.FastKeyKind); else
+        # current() decides.
+        is_key = getattr(self.strategy, "fast_key_is_key", None) if kind == "greenlet" else None
+        self._fast_key_is_key: t.Callable[[t.Any], bool] | None = None
         self._miss: t.Callable[[t.Hashable], _S] = self._registry_miss
-        if kind in ("exact", "token") or type(self.strategy) is GreenletScope:
+        if kind in ("exact", "token") or is_key is True:
             self._miss = self.registry._create  # the fast key is the key
         elif kind == "context":
             self._miss = self._context_miss
+        elif callable(is_key):
+            self._fast_key_is_key = is_key
+            self._miss = self._checked_miss
         # Live scope() blocks per key. Greenlet and task keys are held weakly:
         # a block suspended in an abandoned raw greenlet must not keep that
         # greenlet alive, or the registry could never let it go (and its
@@ -188,6 +196,11 @@ class scoped_session(_sa_scoped_session[_S]):
 
     def _registry_miss(self, key: t.Hashable) -> _S:
         return self.registry()  # the fast key may not be the key: current() decides
+
+    def _checked_miss(self, key: t.Hashable) -> _S:
+        if self._fast_key_is_key(key):  # type: ignore[misc]
+            return self.registry._create(key)
+        return self.registry()  # current() decides
 
     def _context_miss(self, key: t.Hashable) -> _S:
         if key == _NO_CONTEXT:

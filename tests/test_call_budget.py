@@ -67,8 +67,13 @@ ROOT = Path(__file__).resolve().parent.parent
 #   SQLAlchemy's per-request cost" is also checked where wall time is too
 #   noisy to (its Python calls may not exceed SQLAlchemy's; the C calls are
 #   greenlet.getcurrent, id and ContextVar.get, tens of ns each).
+# - thread's miss makes the Session straight from the running greenlet where
+#   the strategy says it is the key (ThreadScope.fast_key_is_key: a thread's
+#   main greenlet, or any greenlet once threading is patched), with no
+#   current() call: -1 Python call on the cycle (a thread's request); the
+#   raw-greenlet miss (never its own key) pays +1 for asking.
 BUDGET: dict[str, dict[str, tuple[int, int]]] = {
-    "thread": {"info": (1, 1), "call": (1, 1), "miss": (13, 8), "cycle": (6, 7)},
+    "thread": {"info": (1, 1), "call": (1, 1), "miss": (14, 8), "cycle": (5, 7)},
     "greenlet": {"info": (1, 1), "call": (1, 1), "miss": (7, 8), "cycle": (3, 7)},
     "contextvar": {"info": (1, 2), "call": (1, 2), "miss": (13, 18), "cycle": (4, 11)},
     "token": {"info": (1, 1), "call": (1, 1), "miss": (2, 2), "cycle": (7, 9)},
