@@ -61,9 +61,10 @@ Lifecycle, per unit of isolation (an asyncio task under ``auto``):
   loop and its registries start empty through :mod:`scoping`'s fork
   mechanism; nothing is sent on inherited connections.
 
-Costs: a proxied call is one strategy call and one dict lookup (see
-docs/benchmarks.md). Each Session creation records its loop in a weak
-dictionary; each loop gets one suspended async generator (the shutdown hook)
+Costs: a proxied call is one key call and one dict lookup (see
+docs/benchmarks.md). Each Session creation adds a done-callback to its task
+(taken back by ``remove()`` and ``scope()``) and records its loop under a weak
+reference; each loop gets one suspended async generator (the shutdown hook)
 and at most one cleanup task at a time.
 """
 
@@ -84,7 +85,7 @@ from . import fork
 from .errors import NoScopeToken, ScopeReentered
 from .guard import SessionGuard
 from .registry import Registry
-from .scopes import ScopeStrategy, TaskScope, strategy_for
+from .scopes import NO_CONTEXT_KEY, ScopeStrategy, TaskScope, fast_key_kind, strategy_for
 from .session import check_arguments
 
 if t.TYPE_CHECKING:
@@ -108,13 +109,45 @@ CLOSE_BATCH = 16
 class _LoopState:
     """What the registry keeps per event loop."""
 
-    __slots__ = ("closing", "hook", "queue", "task")
+    __slots__ = ("closing", "hook", "loop", "queue", "task")
 
-    def __init__(self) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = weakref.ref(loop)
         self.queue: collections.deque[AsyncSession] = collections.deque()
         self.closing: list[AsyncSession] = []  # the batch being closed now
         self.task: asyncio.Task[None] | None = None
         self.hook: t.Any = None  # the shutdown async generator, held strongly
+
+
+class _SessionLoops:
+    """The event loop that made each Session, forgotten when the Session is freed.
+
+    A dict keyed by weak references whose callback is the dict's own ``pop``:
+    forgetting a Session runs no Python frame, where a
+    :class:`weakref.WeakKeyDictionary` makes three (about 1 µs a Session).
+    A Session is recorded once, so each reference's callback finds its entry.
+    """
+
+    __slots__ = ("_by_ref",)
+
+    def __init__(self) -> None:
+        self._by_ref: dict[weakref.ref[AsyncSession], asyncio.AbstractEventLoop] = {}
+
+    def record(self, session: AsyncSession, loop: asyncio.AbstractEventLoop) -> bool:
+        """Record ``loop`` as ``session``'s, unless it has one; True if recorded now."""
+        by_ref = self._by_ref
+        if weakref.ref(session) in by_ref:
+            return False
+        by_ref[weakref.ref(session, by_ref.pop)] = loop
+        return True
+
+    def get(
+        self, session: AsyncSession, default: asyncio.AbstractEventLoop | None = None
+    ) -> asyncio.AbstractEventLoop | None:
+        return self._by_ref.get(weakref.ref(session), default)
+
+    def __len__(self) -> int:
+        return len(self._by_ref)
 
 
 async def _until_loop_shutdown(
@@ -138,18 +171,35 @@ class AsyncRegistry(Registry[_AS]):
     those closes; :meth:`acollect` and :meth:`aclose_all` await them.
     """
 
-    __slots__ = ("__weakref__", "_blocks", "_loop_of", "_loops", "close_timeout")
+    __slots__ = (
+        "__weakref__",
+        "_blocks",
+        "_last_loop",
+        "_loop_of",
+        "_loops",
+        "_strategy_unwatch",
+        "close_timeout",
+        "guarded",
+    )
 
     def __init__(self, createfunc: t.Callable[[], _AS], strategy: ScopeStrategy) -> None:
         super().__init__(createfunc, strategy)
+        # Optional (BaseScope has it): takes back a watch once remove() ended the scope.
+        self._strategy_unwatch: t.Callable[[t.Hashable, t.Any], bool] | None = getattr(
+            strategy, "unwatch", None
+        )
         self.close_timeout = 10.0
         """Seconds one ``close()`` may take in the cleanup task before it is abandoned."""
-        self._loop_of: weakref.WeakKeyDictionary[AsyncSession, asyncio.AbstractEventLoop] = (
-            weakref.WeakKeyDictionary()
-        )
+        #: Set by :class:`async_scoped_session` when ``guard=True``: its
+        #: Sessions carry a guard to release before they are closed.
+        self.guarded = False
+        self._loop_of = _SessionLoops()
         self._loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopState] = (
             weakref.WeakKeyDictionary()
         )
+        # The state of the loop that made the last Session (most programs run
+        # one loop): found without a WeakKeyDictionary lookup.
+        self._last_loop: _LoopState | None = None
         # key -> number of live scope() blocks for it
         self._blocks: dict[t.Hashable, int] = {}
 
@@ -170,12 +220,17 @@ class AsyncRegistry(Registry[_AS]):
 
     def _adopt(self, session: _AS) -> None:
         loop = asyncio.events._get_running_loop()
-        if loop is None or session in self._loop_of:
+        if loop is None or not self._loop_of.record(session, loop):
             return
-        self._loop_of[session] = loop
+        last = self._last_loop
+        if last is not None and last.loop() is loop:
+            return
         state = self._loops.get(loop)
         if state is None:
-            state = self._loops[loop] = _LoopState()
+            # (a state _dispatch made for a loop first seen retiring a Session
+            # has no hook yet: it gets one here)
+            state = self._loops[loop] = _LoopState(loop)
+        if state.hook is None:
             hook = t.cast(
                 "t.AsyncGenerator[None, None]", _until_loop_shutdown(weakref.ref(self), loop)
             )
@@ -185,6 +240,8 @@ class AsyncRegistry(Registry[_AS]):
                 hook.asend(None).send(None)
             except StopIteration:
                 state.hook = hook
+        if state.hook is not None:
+            self._last_loop = state  # only a loop whose shutdown is hooked
 
     # -- cleanup: Registry hook points ------------------------------------------
 
@@ -211,7 +268,7 @@ class AsyncRegistry(Registry[_AS]):
                 continue
             state = self._loops.get(loop)
             if state is None:
-                state = self._loops[loop] = _LoopState()
+                state = self._loops[loop] = _LoopState(loop)
             state.queue.append(session)
             touched.add(loop)
             moved += 1
@@ -313,7 +370,14 @@ class AsyncRegistry(Registry[_AS]):
         )
 
     def _take(self, key: t.Hashable) -> _AS | None:
-        # Registry._discard also forgets a polled key's watch entry.
+        # A task whose Session is removed (remove(), a scope() block's end)
+        # needs no done-callback any more: where the strategy can take it back
+        # (BaseScope.unwatch), the key is forgotten and watched again if the
+        # task makes another Session. Registry._discard also forgets a polled
+        # key's watch entry.
+        unwatch = self._strategy_unwatch
+        if unwatch is not None and self._watched.get(key) is True and unwatch(key, self._on_end):
+            del self._watched[key]
         return self._discard(key)
 
     def _forget_inherited(self) -> list[t.Any]:
@@ -323,7 +387,8 @@ class AsyncRegistry(Registry[_AS]):
             kept.extend(state.queue)
             kept.append(state.hook)  # never finalized here: it would run on no loop
         self._loops = weakref.WeakKeyDictionary()
-        self._loop_of = weakref.WeakKeyDictionary()
+        self._loop_of = _SessionLoops()
+        self._last_loop = None
         self._blocks.clear()
         return kept
 
@@ -427,6 +492,7 @@ class async_scoped_session(_sa_async_scoped_session[_AS]):
         if guard:
             createfunc = self._create_guarded
         self.registry = AsyncRegistry(createfunc, self.strategy)
+        self.registry.guarded = guard
         # Bound once: the hot path is one key call and one dict lookup. The
         # key call is the strategy's fast key when it declares one; for a
         # strategy that keys by the running task first (TaskScope, "auto"), it is
@@ -436,6 +502,18 @@ class async_scoped_session(_sa_async_scoped_session[_AS]):
         # equal to strategy.current() inside tasks.
         self._sessions = self.registry.registry
         self._current = _fast_key(self.strategy)
+        # A miss makes the Session from the key already computed where that
+        # key is current()'s (scopes.FastKeyKind), else asks the registry.
+        kind = fast_key_kind(self.strategy)
+        self._no_key: object = None
+        self._miss: t.Callable[[t.Hashable], _AS] = self._registry_miss
+        if type(self.strategy) is TaskScope:  # asyncio.current_task(): None outside a task
+            self._miss = self._known_miss
+        elif kind == "context":  # a greenlet with no Context yet
+            self._no_key = NO_CONTEXT_KEY
+            self._miss = self._known_miss
+        elif kind in ("exact", "token"):  # the fast key is current()
+            self._miss = self.registry._create
         fork._track_owner(self)  # a forked child gives the bound engines new pools
 
     def dispose_engines(self) -> None:
@@ -466,9 +544,15 @@ class async_scoped_session(_sa_async_scoped_session[_AS]):
     @property
     def _proxied(self) -> _AS:
         try:
-            return self._sessions[self._current()]
-        except (KeyError, TypeError, RuntimeError):
+            key = self._current()
+        except RuntimeError:  # asyncio.current_task() outside a running loop
             return self.registry()
+        try:
+            return self._sessions[key]
+        except KeyError:
+            return self._miss(key)
+        except TypeError:
+            return self.registry()  # raises the unhashable-key error
 
     def __call__(self, **kw: t.Any) -> _AS:
         if kw:
@@ -477,9 +561,25 @@ class async_scoped_session(_sa_async_scoped_session[_AS]):
                 SessionGuard.install(session.sync_session, self.strategy)
             return session
         try:
-            return self._sessions[self._current()]
-        except (KeyError, TypeError, RuntimeError):
+            key = self._current()
+        except RuntimeError:  # asyncio.current_task() outside a running loop
             return self.registry()
+        try:
+            return self._sessions[key]
+        except KeyError:
+            return self._miss(key)
+        except TypeError:
+            return self.registry()  # raises the unhashable-key error
+
+    def _registry_miss(self, key: t.Hashable) -> _AS:
+        return self.registry()  # the fast key may not be the key: current() decides
+
+    def _known_miss(self, key: t.Hashable) -> _AS:
+        # The fast key is the key unless it is the no-key value (no task is
+        # running; a greenlet with no Context yet): then current() decides.
+        if key == self._no_key:
+            return self.registry()
+        return self.registry._create(key)
 
     def _create_guarded(self) -> _AS:
         session = self.session_factory()
@@ -548,7 +648,8 @@ def _release_guard(session: AsyncSession) -> None:
 
 
 async def _close_or_retire(registry: AsyncRegistry[_AS], session: _AS) -> None:
-    _release_guard(session)
+    if registry.guarded:
+        _release_guard(session)
     try:
         await session.close()
     except BaseException:

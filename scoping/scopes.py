@@ -60,6 +60,7 @@ from .errors import NoScopeToken, ScopeEnded, ScopingWarning
 
 __all__ = [
     "ENDLESS_KEY_TYPES",
+    "NO_CONTEXT_KEY",
     "STRATEGY_NAMES",
     "AutoScope",
     "BaseScope",
@@ -102,6 +103,12 @@ miss makes the Session with no ``current()`` call: ``fast_key_is_key`` is
 a thread's main greenlet, or any greenlet once threading is patched).
 Without it, every miss asks ``current()``.
 """
+
+
+NO_CONTEXT_KEY: t.Final = id(None)
+"""The ``"context"`` fast key of a greenlet that has no Context yet: never a key
+(``gr_context`` is None until the greenlet has one), so a lookup with it
+misses and ``current()`` makes the Context."""
 
 
 ENDLESS_KEY_TYPES: t.Final[frozenset[type]] = frozenset(
@@ -165,7 +172,17 @@ class BaseScope:
         raise NotImplementedError
 
     def watch(self, key: t.Hashable, on_end: OnEnd) -> bool:
-        return _units.watch_unit(key, lambda: on_end(key))
+        return _units.watch_unit(key, on_end)
+
+    def unwatch(self, key: t.Hashable, on_end: OnEnd) -> bool:
+        """Take back ``watch(key, on_end)`` if it can be (a task's done-callback).
+
+        Optional, and only asked by :class:`scoping.asyncio.AsyncRegistry`
+        when ``remove()`` or a ``scope()`` block ends a task's Session: the
+        ended task then costs the loop no callback. ``False`` keeps the key
+        watched, as before.
+        """
+        return _units.unwatch_unit(key, on_end)
 
     def is_ended(self, key: t.Hashable) -> bool:
         return _units.unit_ended(key)
@@ -413,7 +430,7 @@ class ContextVarScope(BaseScope):
         refs[key] = (weakref.ref(ctx, context_freed), weakref.ref(unit))
         del ctx
 
-        def owner_ended() -> None:
+        def owner_ended(_unit: object) -> None:
             if self.is_ended(key):
                 on_end(key)
                 return
@@ -625,7 +642,12 @@ class TaskScope(ContextVarScope):
     def watch(self, key: t.Hashable, on_end: OnEnd) -> bool:
         if isinstance(key, int):
             return super().watch(key, on_end)
-        return _units.watch_unit(key, lambda: on_end(key))
+        return _units.watch_unit(key, on_end)
+
+    def unwatch(self, key: t.Hashable, on_end: OnEnd) -> bool:
+        if isinstance(key, int):
+            return False  # a Context: watched by its weak reference
+        return _units.unwatch_unit(key, on_end)
 
     def is_ended(self, key: t.Hashable) -> bool:
         if isinstance(key, int):

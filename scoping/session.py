@@ -35,7 +35,7 @@ from . import _hot_path, _units, fork
 from .errors import ScopeReentered
 from .guard import SessionGuard
 from .registry import Registry
-from .scopes import ScopeStrategy, fast_key_kind, strategy_for
+from .scopes import NO_CONTEXT_KEY, ScopeStrategy, fast_key_kind, strategy_for
 
 if t.TYPE_CHECKING:
     from sqlalchemy.engine import Engine
@@ -203,7 +203,7 @@ class scoped_session(_sa_scoped_session[_S]):
         return self.registry()  # current() decides
 
     def _context_miss(self, key: t.Hashable) -> _S:
-        if key == _NO_CONTEXT:
+        if key == NO_CONTEXT_KEY:
             return self.registry()  # the strategy makes the Context, then the key
         return self.registry._create(key)
 
@@ -373,9 +373,6 @@ def check_removable(sessions: tuple[object, ...], kinds: str) -> None:
                 f"{session!r} has no remove() method: pass the scoped session "
                 "(Session), not a Session instance (Session())"
             )
-
-
-_NO_CONTEXT: t.Final = id(None)  # the Context key of a greenlet without a Context
 
 
 _IDLE: t.Final = object()

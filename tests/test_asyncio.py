@@ -172,6 +172,100 @@ def test_remove_and_aclose_all(factory: async_sessionmaker[CountingSession]) -> 
     assert len(CountingSession.closed) == 3
 
 
+SCOPES_AND_SCOPEFUNCS: list[dict[str, t.Any]] = [
+    {},  # "auto": the task
+    {"scope": "contextvar"},
+    {"scopefunc": asyncio.current_task},  # SQLAlchemy's own form
+]
+
+
+@pytest.mark.parametrize("kwargs", SCOPES_AND_SCOPEFUNCS, ids=["auto", "contextvar", "scopefunc"])
+def test_a_task_that_makes_a_session_again_after_remove_is_still_cleaned_up(
+    kwargs: dict[str, t.Any], factory: async_sessionmaker[CountingSession]
+) -> None:
+    # remove() takes back the task's done-callback where it can; a Session the
+    # task makes afterwards, and forgets, must be watched again.
+    S = async_scoped_session(factory, **kwargs)
+    made: list[AsyncSession] = []
+
+    async def work() -> None:
+        made.append(S())
+        await S.remove()
+        made.append(S())  # forgotten
+
+    async def main() -> None:
+        await asyncio.create_task(work())
+        for _ in range(300):  # contextvar: a held Context is polled
+            if not len(S.registry) and not S.registry.pending():
+                break
+            await asyncio.sleep(0.01)
+        assert len(S.registry) == 0
+
+    asyncio.run(main())
+    assert S.registry.pending() == 0
+    assert sorted(map(id, CountingSession.closed)) == sorted(map(id, made))
+
+
+def test_remove_takes_back_the_tasks_done_callback(
+    factory: async_sessionmaker[CountingSession],
+) -> None:
+    S = async_scoped_session(factory)
+    watched: list[bool] = []
+
+    async def work() -> None:
+        task = asyncio.current_task()
+        S()
+        watched.append(task in S.registry._watched)
+        await S.remove()
+        watched.append(task in S.registry._watched)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        ran: list[object] = []
+        original = S.registry._on_end
+
+        class Spy:
+            def __call__(self, key: object) -> None:
+                ran.append(key)
+                original(key)
+
+        S.registry._on_end = Spy()  # type: ignore[assignment]
+        await asyncio.create_task(work())
+        await asyncio.sleep(0)
+        assert ran == []  # the ended task cost the loop no callback
+        assert loop.is_running()
+
+    asyncio.run(main())
+    assert watched == [True, False]
+    assert len(CountingSession.closed) == 1
+
+
+def test_the_loop_of_each_session_is_forgotten_with_it(
+    factory: async_sessionmaker[CountingSession],
+) -> None:
+    S = async_scoped_session(factory)
+
+    async def work() -> None:
+        S()
+        await S.remove()
+
+    async def main() -> None:
+        for _ in range(100):
+            await asyncio.create_task(work())
+        S()  # one left to the loop's shutdown
+
+    for _ in range(2):  # a second loop after the first one closed
+        CountingSession.closed = []
+        asyncio.run(main())
+        assert len(CountingSession.closed) == 101
+        assert len(S.registry) == 0
+    CountingSession.closed = []
+    import gc
+
+    gc.collect()
+    assert len(S.registry._loop_of) == 0
+
+
 # -- scope() --------------------------------------------------------------------
 
 
@@ -294,6 +388,25 @@ def test_guard_names_both_tasks(pg_url: str, driver: str) -> None:
         await S.remove()
         assert engine.sync_engine.pool.checkedout() == 0
         await engine.dispose()
+
+    asyncio.run(main())
+
+
+def test_remove_releases_the_guard_of_a_guarded_session(
+    factory: async_sessionmaker[CountingSession],
+) -> None:
+    from scoping.guard import SessionGuard
+
+    async def main() -> None:
+        for guard in (True, False):
+            S = async_scoped_session(factory, guard=guard)
+            session = S()
+            await S.remove()
+            held = session.sync_session.__dict__.get("_scoping_guard")
+            assert (held is not None) is guard
+            if held is not None:
+                assert isinstance(held, SessionGuard)
+                assert held.released  # closing it elsewhere is no violation
 
     asyncio.run(main())
 
