@@ -317,6 +317,7 @@ def test_dsn_is_masked_in_the_recorded_command() -> None:
     assert masked == ["--only", "e2e", "--dsn", "<dsn>", "--dsn=<dsn>"]
 
 
+@pytest.mark.slow  # 3.4 s: two bench children and a git archive
 def test_against_runs_the_proxy_section_with_another_revisions_scoping(tmp_path: Path) -> None:
     # HEAD exists in every clone, shallow ones included; the docs compare with c06080a.
     report, stdout = _run_bench(tmp_path, "--only", "calls", "--against", "HEAD")
