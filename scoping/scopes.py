@@ -194,28 +194,41 @@ class BaseScope:
 def _install_key_functions(
     strategy: t.Any, current: t.Callable[[], t.Hashable], fast_key: t.Callable[[], t.Hashable]
 ) -> None:
-    """Give ``strategy`` its key closures, unless its class defines ``current()`` itself.
+    """Give ``strategy`` its key closures, in its class's ``current`` and ``fast_key`` slots.
 
-    The built-in strategies keep ``current`` and ``fast_key`` in slots, as
-    closures: the hot path then reads no attribute of the strategy. A
-    subclass's own ``current()`` is its rule and is kept (a closure stored on
-    the instance would hide it, or a slotted subclass could not be built);
-    its ``fast_key`` then calls that ``current()``, unless it defines one too.
+    Closures, not methods: the hot path then reads no attribute of the
+    strategy. A subclass's own ``current()`` is its rule and is kept (the
+    slot is set through its descriptor, so nothing on the instance hides the
+    method, and a slotted subclass can be built); ``super().current()`` still
+    reaches the built-in key, and ``fast_key`` calls the subclass's
+    ``current()``, unless the subclass defines ``fast_key`` too.
     """
-    if _is_slot(type(strategy), "current"):
-        strategy.current = current
-    else:
-        fast_key = strategy.current
-    if _is_slot(type(strategy), "fast_key"):
-        strategy.fast_key = fast_key
+    cls = type(strategy)
+    slot: t.Any = _slot(cls, "current")
+    slot.__set__(strategy, current)
+    if _first_found(cls, "current") is not slot:
+        fast_key = strategy.current  # the subclass's own method
+    fast_slot: t.Any = _slot(cls, "fast_key")
+    subclass_defines_fast_key = _first_found(cls, "fast_key") is not fast_slot
+    if not subclass_defines_fast_key:
+        fast_slot.__set__(strategy, fast_key)
 
 
-def _is_slot(cls: type, name: str) -> bool:
-    """Is ``name`` on ``cls`` a slot (not a method or property a subclass defines)?"""
+def _slot(cls: type, name: str) -> t.Any:
+    """The slot descriptor ``name`` that a built-in strategy class in ``cls``'s MRO declares."""
+    for klass in cls.__mro__:
+        member = vars(klass).get(name)
+        if isinstance(member, types.MemberDescriptorType):
+            return member
+    raise AssertionError(f"{cls.__name__} has no {name!r} slot")  # pragma: no cover
+
+
+def _first_found(cls: type, name: str) -> object:
+    """What attribute lookup on an instance of ``cls`` finds first for ``name``."""
     for klass in cls.__mro__:
         if name in vars(klass):
-            return isinstance(vars(klass)[name], types.MemberDescriptorType)
-    return False
+            return vars(klass)[name]
+    return None
 
 
 # --- strategies --------------------------------------------------------------
@@ -627,7 +640,11 @@ class TaskScope(ContextVarScope):
         from asyncio import current_task, events
 
         get_running_loop = events._get_running_loop
-        by_context = self.current
+        # ContextVarScope's key closure, read from the slot (a subclass of
+        # this class may define current() and call super().current()).
+        by_context: t.Callable[[], t.Hashable] = _slot(type(self), "current").__get__(
+            self, type(self)
+        )
 
         def current() -> t.Hashable:
             loop = get_running_loop()

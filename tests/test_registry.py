@@ -372,6 +372,39 @@ def test_a_strategy_subclass_keeps_its_own_current(
     assert list(S.registry.registry) == ["r1"]
 
 
+@pytest.mark.parametrize("slotted", [False, True], ids=["dict", "slots"])
+@pytest.mark.parametrize("base", BUILT_IN_STRATEGY_CLASSES, ids=lambda c: c.__name__)
+def test_a_strategy_subclass_can_wrap_the_built_in_key(
+    base: type[t.Any], slotted: bool, factory: sessionmaker[Session]
+) -> None:
+    # super().current() reaches the built-in key closure (never the
+    # subclass's own current() again: TaskScope's closure calls
+    # ContextVarScope's, not whatever current() the instance has).
+    def current(self: t.Any) -> t.Hashable:
+        return ("tenant-a", super(Wrapped, self).current())
+
+    body: dict[str, t.Any] = {"current": current}
+    if slotted:
+        body["__slots__"] = ()
+    Wrapped = type("Wrapped", (base,), body)
+    strategy = Wrapped()
+    if base is scoping.TokenScope:
+        handle = strategy.bind("t")
+    try:
+        key = strategy.current()
+        assert key == ("tenant-a", base().current() if base is not scoping.TokenScope else "t")
+        assert strategy.fast_key() == key
+        S = scoping.scoped_session(factory, scope=strategy)
+        session = S()
+        assert list(S.registry.registry) == [key]
+        assert S.info is session.info
+        S.remove()
+        assert len(S.registry) == 0
+    finally:
+        if base is scoping.TokenScope:
+            strategy.reset(handle)
+
+
 def test_a_token_that_is_a_weak_reference_is_its_own_key(factory: sessionmaker[Session]) -> None:
     # ScopeBlock holds unit keys (greenlets, tasks) weakly; a token that is
     # itself a weakref.ref must still be the key its block entered and exits.
