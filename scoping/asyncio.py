@@ -72,7 +72,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
+import operator
 import sys
 import typing as t
 import weakref
@@ -85,7 +87,7 @@ from . import fork
 from .errors import NoScopeToken, ScopeReentered
 from .guard import SessionGuard
 from .registry import Registry
-from .scopes import NO_CONTEXT_KEY, ScopeStrategy, TaskScope, fast_key_kind, strategy_for
+from .scopes import ScopeStrategy, TaskScope, fast_key_kind, fast_key_rule, strategy_for
 from .session import check_arguments
 
 if t.TYPE_CHECKING:
@@ -503,17 +505,15 @@ class async_scoped_session(_sa_async_scoped_session[_AS]):
         self._sessions = self.registry.registry
         self._current = _fast_key(self.strategy)
         # A miss makes the Session from the key already computed where that
-        # key is current()'s (scopes.FastKeyKind), else asks the registry.
-        kind = fast_key_kind(self.strategy)
-        self._no_key: object = None
-        self._miss: t.Callable[[t.Hashable], _AS] = self._registry_miss
-        if type(self.strategy) is TaskScope:  # asyncio.current_task(): None outside a task
-            self._miss = self._known_miss
-        elif kind == "context":  # a greenlet with no Context yet
-            self._no_key = NO_CONTEXT_KEY
-            self._miss = self._known_miss
-        elif kind in ("exact", "token"):  # the fast key is current()
-            self._miss = self.registry._create
+        # key is current()'s (scopes.fast_key_rule), else asks the registry.
+        # asyncio.current_task() (TaskScope's fast key here) is the key
+        # unless it is None: no task is running.
+        rule = (
+            functools.partial(operator.is_not, None)
+            if type(self.strategy) is TaskScope
+            else fast_key_rule(self.strategy, fast_key_kind(self.strategy))
+        )
+        self._miss: t.Callable[[t.Hashable], _AS] = self.registry.miss_handler(rule)
         fork._track_owner(self)  # a forked child gives the bound engines new pools
 
     def dispose_engines(self) -> None:
@@ -570,16 +570,6 @@ class async_scoped_session(_sa_async_scoped_session[_AS]):
             return self._miss(key)
         except TypeError:
             return self.registry()  # raises the unhashable-key error
-
-    def _registry_miss(self, key: t.Hashable) -> _AS:
-        return self.registry()  # the fast key may not be the key: current() decides
-
-    def _known_miss(self, key: t.Hashable) -> _AS:
-        # The fast key is the key unless it is the no-key value (no task is
-        # running; a greenlet with no Context yet): then current() decides.
-        if key == self._no_key:
-            return self.registry()
-        return self.registry._create(key)
 
     def _create_guarded(self) -> _AS:
         session = self.session_factory()

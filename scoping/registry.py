@@ -258,6 +258,33 @@ class Registry(ScopedRegistry[_T]):
         with lock:  # and wait for a close the reaper has in flight
             return self._close_retired(raise_errors=True)
 
+    def miss_handler(
+        self, fast_key_is_key: bool | t.Callable[[t.Any], bool] | None
+    ) -> t.Callable[[t.Hashable], _T]:
+        """What a session's hot path calls on a miss, with the fast key it computed.
+
+        :param fast_key_is_key: :func:`scoping.scopes.fast_key_rule`'s answer:
+          ``True``, the Session is made for that key at once; a function, made
+          for it when the function says it is the key; None, the strategy's
+          ``current()`` decides, as ``Registry()`` does.
+        """
+        if fast_key_is_key is True:
+            return self._create
+        if fast_key_is_key is None or fast_key_is_key is False:
+            return self._miss_by_current
+        is_key = fast_key_is_key
+        create = self._create
+
+        def checked_miss(key: t.Hashable) -> _T:
+            if is_key(key):
+                return create(key)
+            return self()  # not the key: current() decides
+
+        return checked_miss
+
+    def _miss_by_current(self, key: t.Hashable) -> _T:
+        return self()  # the fast key may not be the key: current() decides
+
     # -- internals -------------------------------------------------------------
 
     def _pop_current(self) -> _T | None:

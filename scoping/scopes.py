@@ -97,11 +97,12 @@ FastKeyKind = t.Literal["exact", "fast", "greenlet", "context", "token"]
   a ``scope(token)`` block inline (``read_binding()``) and calls
   ``fast_key()`` only without one (TokenScope without a ``scopefunc``).
 
-A ``"greenlet"`` strategy may say when its fast key *is* the key, so that a
-miss makes the Session with no ``current()`` call: ``fast_key_is_key`` is
-``True`` (always: GreenletScope) or a function of the fast key (ThreadScope:
-a thread's main greenlet, or any greenlet once threading is patched).
-Without it, every miss asks ``current()``.
+A ``"greenlet"`` or ``"context"`` strategy may say when its fast key *is*
+the key, so that a miss makes the Session with no ``current()`` call:
+``fast_key_is_key`` is ``True`` (always: GreenletScope) or a function of the
+fast key (ThreadScope: a thread's main greenlet, or any greenlet once
+threading is patched; ContextVarScope: any key but :data:`NO_CONTEXT_KEY`).
+Without it, every miss asks ``current()``. :func:`fast_key_rule` reads it.
 """
 
 
@@ -385,6 +386,9 @@ class ContextVarScope(BaseScope):
     __slots__ = ("_getcurrent", "_probe", "_refs", "current", "fast_key")
     name = "contextvar"
     fast_key_kind: FastKeyKind = "context"
+    #: The running Context's id is the key, unless the greenlet has no
+    #: Context yet (see FastKeyKind); a C call, no Python frame.
+    fast_key_is_key: t.ClassVar[t.Callable[[object], bool]] = NO_CONTEXT_KEY.__ne__
 
     def __init__(self) -> None:
         getcurrent = self._getcurrent = _units.getcurrent()
@@ -724,6 +728,23 @@ def fast_key_kind(
     cls = t.cast("type[t.Any] | None", named)
     kind = vars(cls).get("fast_key_kind", "exact") if cls is not None else "exact"
     return t.cast(FastKeyKind, kind)
+
+
+def fast_key_rule(
+    strategy: ScopeStrategy, kind: FastKeyKind
+) -> bool | t.Callable[[t.Any], bool] | None:
+    """When is the fast key of ``strategy`` (of key shape ``kind``) the key itself?
+
+    ``True`` always (``"exact"``, ``"token"``, or a strategy that declares
+    ``fast_key_is_key = True``), a function of the fast key that says so, or
+    None: never known, ``current()`` decides. The hot path's miss (see
+    :meth:`scoping.registry.Registry.miss_handler`) makes the Session straight
+    from the fast key where this allows.
+    """
+    if kind in ("exact", "token"):
+        return True
+    rule = getattr(strategy, "fast_key_is_key", None)
+    return rule if rule is True or callable(rule) else None
 
 
 def strategy_for(

@@ -35,7 +35,7 @@ from . import _hot_path, _units, fork
 from .errors import ScopeReentered
 from .guard import SessionGuard
 from .registry import Registry
-from .scopes import NO_CONTEXT_KEY, ScopeStrategy, fast_key_kind, strategy_for
+from .scopes import ScopeStrategy, fast_key_kind, fast_key_rule, strategy_for
 
 if t.TYPE_CHECKING:
     from sqlalchemy.engine import Engine
@@ -161,18 +161,11 @@ class scoped_session(_sa_scoped_session[_S]):
             self.strategy, "read_binding", None
         )
         # A miss makes the Session straight from the fast key where the
-        # strategy says that key is the key (scopes.FastKeyKind); else
+        # strategy says that key is the key (scopes.fast_key_rule); else
         # current() decides.
-        is_key = getattr(self.strategy, "fast_key_is_key", None) if kind == "greenlet" else None
-        self._fast_key_is_key: t.Callable[[t.Any], bool] | None = None
-        self._miss: t.Callable[[t.Hashable], _S] = self._registry_miss
-        if kind in ("exact", "token") or is_key is True:
-            self._miss = self.registry._create  # the fast key is the key
-        elif kind == "context":
-            self._miss = self._context_miss
-        elif callable(is_key):
-            self._fast_key_is_key = is_key
-            self._miss = self._checked_miss
+        self._miss: t.Callable[[t.Hashable], _S] = self.registry.miss_handler(
+            fast_key_rule(self.strategy, kind)
+        )
         # Live scope() blocks per key. Greenlet and task keys are held weakly:
         # a block suspended in an abandoned raw greenlet must not keep that
         # greenlet alive, or the registry could never let it go (and its
@@ -193,19 +186,6 @@ class scoped_session(_sa_scoped_session[_S]):
             return self._miss(key)
         except TypeError:
             return self.registry()  # raises the unhashable-key error
-
-    def _registry_miss(self, key: t.Hashable) -> _S:
-        return self.registry()  # the fast key may not be the key: current() decides
-
-    def _checked_miss(self, key: t.Hashable) -> _S:
-        if self._fast_key_is_key(key):  # type: ignore[misc]
-            return self.registry._create(key)
-        return self.registry()  # current() decides
-
-    def _context_miss(self, key: t.Hashable) -> _S:
-        if key == NO_CONTEXT_KEY:
-            return self.registry()  # the strategy makes the Context, then the key
-        return self.registry._create(key)
 
     def __call__(self, **kw: t.Any) -> _S:
         if kw:

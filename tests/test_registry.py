@@ -405,6 +405,43 @@ def test_a_strategy_subclass_can_wrap_the_built_in_key(
             strategy.reset(handle)
 
 
+def test_miss_handler_follows_the_strategys_fast_key_rule(factory: sessionmaker[Session]) -> None:
+    class Keyed(scoping.BaseScope):
+        def current(self) -> str:
+            return "real"
+
+    registry = Registry(factory, Keyed())
+    assert registry.miss_handler(True) == registry._create  # the fast key is the key
+    made = registry.miss_handler(True)("fast")
+    assert registry.registry["fast"] is made
+    by_current = registry.miss_handler(None)
+    assert by_current("ignored") is registry.registry["real"]  # current() decided
+    checked = registry.miss_handler(lambda key: key != "no-key")
+    assert checked("other") is registry.registry["other"]
+    assert checked("no-key") is registry.registry["real"]  # not the key: current() decides
+    assert "no-key" not in registry.registry
+    registry.close_all()
+
+
+def test_fast_key_rule_is_each_strategys_own() -> None:
+    from scoping.scopes import NO_CONTEXT_KEY, fast_key_kind, fast_key_rule
+
+    def rule(strategy: t.Any) -> t.Any:
+        return fast_key_rule(strategy, fast_key_kind(strategy))
+
+    assert rule(scoping.GreenletScope()) is True
+    assert rule(scoping.TokenScope()) is True
+    assert rule(scoping.TaskScope()) is True  # "exact": its fast key is current()
+    for strategy in (scoping.ContextVarScope(), scoping.AutoScope()):
+        is_key = rule(strategy)
+        assert is_key(NO_CONTEXT_KEY) is False
+        assert is_key(NO_CONTEXT_KEY + 16) is True
+    thread = scoping.ThreadScope()
+    assert callable(rule(thread))
+    assert rule(thread)(greenlet.getcurrent().parent or greenlet.getcurrent()) is True
+    assert rule(thread)(greenlet.greenlet(lambda: None)) is False  # a raw greenlet, unpatched
+
+
 def test_a_token_that_is_a_weak_reference_is_its_own_key(factory: sessionmaker[Session]) -> None:
     # ScopeBlock holds unit keys (greenlets, tasks) weakly; a token that is
     # itself a weakref.ref must still be the key its block entered and exits.
