@@ -560,6 +560,8 @@ class async_scoped_session(_sa_async_scoped_session[_AS]):
             if self.guard:
                 SessionGuard.install(session.sync_session, self.strategy)
             return session
+        # _proxied's statements, written again on purpose: returning
+        # self._proxied would cost every Session() one more Python call.
         try:
             key = self._current()
         except RuntimeError:  # asyncio.current_task() outside a running loop
