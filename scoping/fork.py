@@ -3,8 +3,10 @@
 Unit of effect: the process. ``multiprocessing`` (the "fork" start method),
 gunicorn ``--preload``, Celery's prefork pool and a bare ``os.fork()`` all go
 through the one hook registered here with
-``os.register_at_fork(after_in_child=...)``, once, when the first registry is
-built.
+``os.register_at_fork(after_in_child=...)``, once, when this module is
+imported (``import scoping`` does): a child then knows when it was forked
+(:func:`forked_at`) even if no registry was built before the fork, which is
+what the doctor's check for inherited pooled connections needs.
 
 In the child, the inherited Sessions and pooled connections are *the
 parent's*: their sockets are the parent's sockets. Anything sent on them (a
@@ -73,9 +75,8 @@ _hooked = False
 def forked_at() -> float | None:
     """``time.time()`` when this process was forked, or ``None``.
 
-    ``None`` when the process has not been forked since scoping was imported
-    (the first registry was built). Updated in every child, grandchildren
-    included.
+    ``None`` when the process has not been forked since scoping was
+    imported. Updated in every child, grandchildren included.
     """
     return _forked_at
 
@@ -140,3 +141,11 @@ def _after_in_child() -> None:
         from ._units import _Unraisable
 
         sys.unraisablehook(t.cast(t.Any, _Unraisable(exc, None, "after-fork hook")))
+
+
+# At import, not at the first registry: a process that imported scoping and
+# forked before building one (a plain sessionmaker app under gunicorn
+# --preload) must still know its fork time, exactly; /proc's start time has a
+# 10 ms tick, and a pooled connection the parent opened within that tick of
+# the fork would pass for the child's own (scoping.doctor).
+_hook()

@@ -882,6 +882,49 @@ def test_pooled_connection_opened_before_fork_is_a_hazard(
     assert out["after_dispose"] == []  # the fix the finding names
 
 
+# No registry before the fork, and the fork right after the warm-up query: the
+# connection is opened within /proc's 10 ms start-time tick of the fork, so
+# only the exact fork time (scoping.fork's hook, registered at import) tells
+# it from one the child opened itself. Five forks: each is such a case.
+INHERITED_WITHIN_A_TICK = """
+import os, json
+import sqlalchemy as sa
+import scoping.doctor
+
+flagged = []
+for i in range(5):
+    engine = sa.create_engine(f"sqlite:///tick{i}.db")
+    with engine.connect() as conn:
+        conn.exec_driver_sql("select 1")
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        codes = [f.code for f in scoping.doctor.diagnose().hazards]
+        os.write(w, json.dumps("engine.inherited_connections" in codes).encode())
+        os._exit(0)
+    os.close(w)
+    flagged.append(json.loads(os.read(r, 100)))
+    os.close(r)
+    os.waitpid(pid, 0)
+    engine.dispose()
+print(json.dumps(flagged))
+"""
+
+
+@CHILD_RUNS.of("test_a_connection_opened_just_before_the_fork_is_inherited")
+def inherited_within_a_tick_child(tmp: Path) -> subprocess.CompletedProcess[str]:
+    return run_child(tmp, INHERITED_WITHIN_A_TICK)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_connection_opened_just_before_the_fork_is_inherited(
+    children: Background[ChildRun, t.Any],
+) -> None:
+    proc = children.result(inherited_within_a_tick_child)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == [True] * 5
+
+
 def test_process_start_time_is_before_now_and_after_boot() -> None:
     import time
 
