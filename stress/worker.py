@@ -162,8 +162,31 @@ def _async_cell(
     return cell
 
 
+def _exit_with_the_run(interval: float = 0.5) -> None:
+    """End this cell when the run that started it is gone (killed: nobody reads it).
+
+    The cell leads its own session, so a ``kill -9`` of the run's process
+    group leaves it behind; it would wait forever, idle in its runtime. An OS
+    thread, started before the cell's runtime patches anything (so its sleep
+    and thread are the real ones), checks the parent pid twice a second.
+    """
+    import _thread
+
+    parent = os.getppid()
+    sleep = time.sleep
+
+    def watch() -> None:
+        while True:
+            sleep(interval)
+            if os.getppid() != parent:
+                os._exit(3)
+
+    _thread.start_new_thread(watch, ())
+
+
 def main() -> int:
     cfg: dict[str, t.Any] = json.loads(sys.stdin.read())
+    _exit_with_the_run()
     faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
     runtime, cell, driver = _prepare(cfg)
     scenario = _scenario(cfg["scenario"])

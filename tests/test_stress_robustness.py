@@ -272,9 +272,17 @@ def test_a_later_run_reaps_what_a_killed_run_left(pg_server: t.Any, tmp_path: t.
         pg_server, "--scenarios", "no-remove", "--strategies", "auto", "--requests", "5000"
     )
     name = _wait_for_database(pg_server, first)
-    os.killpg(first.pid, signal.SIGKILL)  # the run and its cell: nothing gets to clean up
+    import psutil
+
+    cells = psutil.Process(first.pid).children(recursive=True)
+    assert cells  # the cell serving the run
+    os.killpg(first.pid, signal.SIGKILL)  # the run: nothing gets to clean up
     first.communicate(timeout=30)
     assert _databases_of(pg_server, first.pid) == [name]
+    # A cell leads its own session, so the kill does not reach it: it must
+    # notice that its run is gone and end, never wait forever as an orphan.
+    _gone, alive = psutil.wait_procs(cells, timeout=10)
+    assert alive == []
     report = tmp_path / "second.json"
     second = _start(
         pg_server,
